@@ -1,0 +1,23 @@
+"""dynbatch_core: dynamic batch sizing for data-parallel PyTorch training.
+
+    from dynbatch_core import RunConfig, run
+    result = run(RunConfig(dataset="mnist", world_size=2, epochs=1, train_samples=2048))
+    result.epochs
+
+Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_batch_loss and GradientSync
+(step.py), the balancers (balancers.py) and schedules (schedules.py).
+"""
+from .balancers import BALANCERS, Balancer, build_balancer, largest_remainder_split
+from .config import RunConfig, validate_config
+from .data import DATASET_NAMES, load_datasets
+from .metrics import RunResult, read_run
+from .models import MODEL_NAMES, build_model
+from .sampler import DynamicBatchSampler
+from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule, scaled_lr
+from .step import GradientSync, train_step, uneven_batch_loss
+from .train import run
+
+__all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
+           "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
+           "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
+           "GradientSync", "train_step", "uneven_batch_loss", "run"]

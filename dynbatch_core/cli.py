@@ -1,0 +1,98 @@
+"""Command line: `python -m dynbatch_core train [flags]`; every flag is a RunConfig field.
+
+    python -m dynbatch_core train --dataset mnist --data-dir ../shared/data --model resnet20 --world-size 2 \
+        --epochs 2 --train-samples 8192
+    torchrun --standalone --nproc-per-node 2 -m dynbatch_core train --dataset mnist --epochs 1
+
+Bad input exits with code 2 and one line on stderr, before any process is spawned.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import RunConfig
+
+EXIT_BAD_INPUT = 2
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _comma_list(item_type):
+    def parse(text: str):
+        try:
+            return tuple(item_type(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3, got {text!r}") from None
+    return parse
+
+
+def _scalar_type(annotation: str):
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if annotation.startswith(name):
+            return kind
+    raise TypeError(f"no CLI type for annotation {annotation!r}")
+
+
+def _names_epilog() -> str:
+    from .balancers import BALANCERS
+    from .data import DATASET_NAMES
+    from .models import MODEL_NAMES
+    from .schedules import SCHEDULES
+    return (f"models: {', '.join(MODEL_NAMES)}\ndatasets: {', '.join(DATASET_NAMES)}\n"
+            f"schedules: {', '.join(SCHEDULES)}\nbalancers: {', '.join(BALANCERS)}\n"
+            "data: --data-dir DIR or $DYNBATCH_DATA (a folder with mnist.npz / cifar10.npz), else the embedded "
+            "subset; --download fetches with torchvision")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, its default shown in --help."""
+    for field in dataclasses.fields(RunConfig):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"]
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        elif "list_of" in field.metadata:
+            parser.add_argument(flag, type=_comma_list(field.metadata["list_of"]), default=field.default,
+                                metavar="K0,K1,...", help=help_text)
+        else:
+            parser.add_argument(flag, type=_scalar_type(field.type), default=field.default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(prog="python -m dynbatch_core",
+                                 description="Dynamic batch sizing for data-parallel PyTorch training.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
+    train = commands.add_parser("train", help="train one run (spawns --world-size ranks, or joins torchrun's)",
+                                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110),
+                                epilog=_names_epilog())
+    train.formatter_class = _DefaultsFormatter
+    add_config_flags(train)
+    return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, width=110, max_help_position=32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    config = RunConfig(**values)
+    from .distributed import launched_by_torchrun
+    from .train import run, train_under_torchrun
+    try:
+        if launched_by_torchrun():
+            train_under_torchrun(config)
+        else:
+            result = run(config)
+            print(result.run_dir)
+    except ValueError as error:
+        print(f"python -m dynbatch_core train: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0

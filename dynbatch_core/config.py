@@ -1,0 +1,176 @@
+"""The configuration of one training run: one frozen dataclass, one validation function.
+
+    config = RunConfig(dataset="mnist", model="resnet20", world_size=2, epochs=2, train_samples=8192)
+    validate_config(config)          # ValueError with one clear line, before anything is spawned
+
+The CLI (`python -m dynbatch_core train --help`), the notebooks and torchrun all build this same object; every
+field's `help` is the flag's documentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = _opt("mnist", "dataset: mnist, cifar10 or synthetic")
+    data_dir: str | None = _opt(None, "folder holding mnist.npz / cifar10.npz (or torchvision's files); "
+                                      "default: $DYNBATCH_DATA, else the small embedded subset")
+    download: bool = _opt(False, "download the dataset with torchvision (needs internet)")
+    train_samples: int | None = _opt(None, "use the first N training samples (default: all)")
+    test_samples: int | None = _opt(None, "use the first N test samples (default: all)")
+    augment: bool = _opt(True, "random crop + flip on cifar10 training images")
+    # model
+    model: str = _opt("resnet20", "model name (see the list above)")
+    norm: str = _opt("batch", "normalisation layers: batch, group or none (none/group make uneven splits exact)")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks (CUDA only): batch statistics of the union batch")
+    # processes
+    world_size: int = _opt(2, "number of ranks (processes)")
+    device: str = _opt("auto", "auto (CUDA with one GPU per rank when enough are visible, else CPU), cpu or cuda")
+    timeout_s: float = _opt(300.0, "seconds a collective may block before the run fails")
+    # optimisation
+    epochs: int = _opt(2, "training epochs")
+    max_steps: int | None = _opt(None, "stop after this many global steps (smoke runs)")
+    batch_size: int = _opt(64, "initial global batch size (sum over ranks)")
+    schedule: str = _opt("static", "global batch schedule")
+    min_batch: int | None = _opt(None, "smallest global batch a schedule may choose (default: world size)")
+    max_batch: int | None = _opt(None, "largest global batch a schedule may choose (default: no limit)")
+    balancer: str | None = _opt(None, "per-rank split of the global batch (default: weights if --rank-weights "
+                                      "is given, else equal)")
+    rank_weights: tuple[float, ...] | None = _opt(None, "fixed per-rank shares for the weights balancer, e.g. 3,13",
+                                                  list_of=float)
+    max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard)")
+    slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
+    slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")
+    optimizer: str = _opt("sgd", "sgd or adam")
+    lr: float = _opt(0.05, "learning rate at the initial batch size")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear or sqrt "
+                                   "(relative to the initial batch)")
+    seed: int = _opt(0, "seed of the model init and the sample order")
+    # outputs
+    out: str | None = _opt(None, "run folder for steps.csv, epochs.csv, config.json, model.pt "
+                                 "(default: a new folder under runs/)")
+    overwrite: bool = _opt(False, "allow writing into an existing, non-empty run folder")
+    progress: bool = _opt(True, "show a progress bar on rank 0")
+
+    @property
+    def balancer_name(self) -> str:
+        if self.balancer is not None:
+            return self.balancer
+        return "weights" if self.rank_weights else "equal"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCALINGS = ("none", "linear", "sqrt")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+
+def _check_rank_list(flag: str, values, world_size: int, minimum: float, what: str) -> None:
+    if values is None:
+        return
+    if len(values) != world_size:
+        raise ValueError(f"{flag} needs {world_size} comma-separated values (one per rank), got {len(values)}")
+    if any(not v >= minimum for v in values):
+        raise ValueError(f"{flag} entries must be {what}, got {','.join(f'{v:g}' for v in values)}")
+
+
+def _check_writable(out: str | None) -> None:
+    target = Path(out if out is not None else "runs").expanduser().resolve()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out or 'runs'}: cannot create or write {target} ({existing} is not writable)")
+
+
+def validate_config(config: RunConfig) -> str:
+    """Raise ValueError (one line: what is wrong, what is allowed) or return a line saying where the data comes from.
+
+    Run this before spawning anything; run() and the CLI both do.
+    """
+    from .balancers import BALANCERS
+    from .data import DATASET_NAMES, describe_data_source
+    from .distributed import check_device
+    from .models import MODEL_NAMES, NORM_CHOICES
+    from .schedules import SCHEDULES
+
+    _check_choice("dataset", config.dataset, DATASET_NAMES)
+    _check_choice("model", config.model, MODEL_NAMES)
+    _check_choice("norm", config.norm, NORM_CHOICES)
+    _check_choice("schedule", config.schedule, tuple(SCHEDULES))
+    _check_choice("balancer", config.balancer_name, tuple(BALANCERS))
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("lr scaling", config.lr_scaling, LR_SCALINGS)
+    _check_choice("device", config.device, DEVICES)
+    if config.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
+    if config.batch_size < config.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than --world-size {config.world_size}: "
+                         "every rank needs at least one sample per step")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
+    for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if config.train_samples is not None and config.train_samples < config.world_size:
+        raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
+    if not config.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {config.lr}")
+    if not 0 <= config.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if not config.timeout_s > 0:
+        raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
+    _check_rank_list("--rank-weights", config.rank_weights, config.world_size, 1e-12, "> 0")
+    _check_rank_list("--slowdown", config.slowdown, config.world_size, 1.0, ">= 1 (1 = full speed, 3 = 3x slower)")
+    if config.slowdown is not None and config.slowdown_trace is not None:
+        raise ValueError("give either --slowdown or --slowdown-trace, not both")
+    if config.slowdown_trace is not None:
+        from .hetero import SlowdownPlan
+        SlowdownPlan.from_options(config.world_size, trace=config.slowdown_trace)
+    if config.rank_weights is not None and config.balancer_name != "weights":
+        raise ValueError(f"--rank-weights applies to the weights balancer, not {config.balancer_name!r}")
+    min_batch = config.min_batch if config.min_batch is not None else config.world_size
+    if min_batch < config.world_size:
+        raise ValueError(f"--min-batch {min_batch} is smaller than --world-size {config.world_size}")
+    if config.max_batch is not None and config.max_batch < max(min_batch, config.batch_size):
+        raise ValueError(f"--max-batch {config.max_batch} is smaller than --batch-size/--min-batch")
+    if config.max_rank_batch is not None and config.max_rank_batch * config.world_size < config.batch_size:
+        raise ValueError(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks cannot hold "
+                         f"--batch-size {config.batch_size}")
+    if config.sync_bn and config.norm != "batch":
+        raise ValueError("--sync-bn needs --norm batch")
+    check_device(config.device, config.world_size, sync_bn=config.sync_bn)
+    _check_writable(config.out)
+    return describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
+                                test_samples=config.test_samples, download=config.download)

@@ -1,0 +1,69 @@
+"""Emulated heterogeneity: how many times slower each rank is, at each step.
+
+    plan = SlowdownPlan.from_options(world_size=2, slowdown=(1, 3))              # rank 1 is 3x slower throughout
+    plan = SlowdownPlan.from_options(world_size=2, trace="0:1,1;100:1,3;200:1,1")  # rank 1 slows at step 100, recovers at 200
+    plan = SlowdownPlan.from_options(world_size=2, trace="trace.csv")            # CSV columns: step,k_0,...,k_{n-1}
+    plan.factor(rank=1, step=150)                                               # -> 3.0
+
+A factor k makes the rank sleep (k - 1) times its own measured compute time each step (see step.train_step), so
+the delay scales with that rank's batch size and never includes time spent waiting for other ranks. A trace row
+holds from its step (0-based global step) until the next row.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class SlowdownPlan:
+    change_steps: tuple[int, ...]                 # sorted global steps at which the factors change (first is 0)
+    factors: tuple[tuple[float, ...], ...]        # factors[j][rank] holds from change_steps[j]
+
+    @classmethod
+    def from_options(cls, world_size: int, slowdown: Sequence[float] | None = None,
+                     trace: str | None = None) -> "SlowdownPlan":
+        if slowdown is not None and trace is not None:
+            raise ValueError("give either --slowdown or --slowdown-trace, not both")
+        if trace is not None:
+            rows = _read_trace(trace)
+        else:
+            rows = [(0, tuple(slowdown) if slowdown is not None else (1.0,) * world_size)]
+        for step, factors in rows:
+            if len(factors) != world_size:
+                raise ValueError(f"slowdown trace row at step {step} has {len(factors)} factors, "
+                                 f"expected {world_size} (one per rank)")
+            if any(not k >= 1.0 for k in factors):
+                raise ValueError(f"slowdown factors must be >= 1 (1 = full speed), got {list(factors)} at step {step}")
+        rows.sort(key=lambda row: row[0])
+        if rows[0][0] != 0:
+            rows.insert(0, (0, (1.0,) * world_size))
+        return cls(tuple(step for step, _ in rows), tuple(tuple(map(float, f)) for _, f in rows))
+
+    def factor(self, rank: int, step: int) -> float:
+        return self.factors[bisect.bisect_right(self.change_steps, step) - 1][rank]
+
+    def factors_at(self, step: int) -> tuple[float, ...]:
+        return self.factors[bisect.bisect_right(self.change_steps, step) - 1]
+
+
+def _read_trace(trace: str) -> list[tuple[int, tuple[float, ...]]]:
+    """Rows (step, factors) from a CSV file or an inline spec "step:k0,k1;step:k0,k1"."""
+    try:
+        if Path(trace).is_file():
+            with open(trace, newline="") as handle:
+                lines = [row for row in csv.reader(handle) if row and not row[0].strip().startswith("#")]
+            if lines and not lines[0][0].strip().lstrip("-").isdigit():
+                lines = lines[1:]  # header
+            return [(int(row[0]), tuple(float(k) for k in row[1:])) for row in lines]
+        rows = []
+        for part in trace.split(";"):
+            step, factors = part.split(":")
+            rows.append((int(step), tuple(float(k) for k in factors.split(","))))
+        return rows
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"--slowdown-trace {trace!r}: expected a CSV file with rows step,k_0,...,k_n-1 or an "
+                         f"inline spec like '0:1,1;100:1,3' ({error})") from None

@@ -1,0 +1,62 @@
+"""Tidy metrics tables and the run folder: steps.csv (one row per step and rank), epochs.csv (one row per epoch).
+
+    result = read_run("runs/my-run")          # RunResult(run_dir, config, steps, epochs)
+    result.epochs[["epoch", "global_batch", "test_acc", "wall_s"]]
+
+Every file is written to a temporary name and renamed into place, so a killed run never leaves a truncated file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+STEP_COLUMNS = ["epoch", "step", "rank", "batch_size", "global_batch", "compute_s", "wait_s", "loss", "lr"]
+EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc",
+                 "epoch_s", "wall_s", "samples_per_s"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: dict
+    steps: pd.DataFrame    # STEP_COLUMNS
+    epochs: pd.DataFrame   # EPOCH_COLUMNS
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path (atomic on POSIX)."""
+    path = Path(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
+    table = pd.DataFrame(rows, columns=columns)
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    def dump(tmp):
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+    write_atomic(path, dump)
+
+
+def read_run(run_dir: str | os.PathLike) -> RunResult:
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").exists() else pd.DataFrame(columns=STEP_COLUMNS)
+    epochs = pd.read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").exists() else pd.DataFrame(columns=EPOCH_COLUMNS)
+    return RunResult(run_dir, config, steps, epochs)

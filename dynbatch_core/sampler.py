@@ -1,0 +1,115 @@
+"""Distributed dynamic batch sampler: one global order per epoch, cut into per-rank slices of any size.
+
+    sampler = DynamicBatchSampler(len(train_set), rank=rank, world_size=world_size, seed=0)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        sampler.set_rank_batches([96, 32])       # may change before any step, without rebuilding the loader
+        for x, y in loader:
+            step_batches = sampler.last_rank_batches   # what this step really holds (the last one may be short)
+
+The order of epoch e is a permutation that depends only on (seed, e), never on world size or on the split. Step t
+takes the next B_t = sum(rank_batches) indices of that order and gives rank i the contiguous slice
+[offset + sum(b_0..b_{i-1}), offset + sum(b_0..b_i)). Every rank computes the same cuts, so all ranks run the same
+number of steps and every sample is used exactly once per epoch. When fewer than B_t samples remain, the last step
+splits what is left in proportion to the requested split (largest remainder), so a rank may get an empty slice.
+
+The batch sizes are read when the DataLoader asks for the next batch, so the loader must not prefetch (no loader
+worker processes): the data here lives in memory and is batched by the dataset itself, so workers would buy nothing.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from .balancers import largest_remainder_split
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The global sample order of one epoch: a function of (seed, epoch) only."""
+    if not shuffle:
+        return torch.arange(num_samples)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def rank_slices(rank_batches: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) offsets inside one step's global batch, one per rank."""
+    bounds, start = [], 0
+    for size in rank_batches:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's index slice of each global step; see the module docstring."""
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, rank_batches: Sequence[int] | None = None):
+        if num_samples < 1:
+            raise ValueError(f"the sampler needs at least one sample, got {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.cursor = 0  # samples of this epoch already handed out, summed over all ranks
+        self.steps_in_epoch = 0
+        self.rank_batches = list(rank_batches) if rank_batches else [1] * world_size
+        self.last_rank_batches: list[int] = [0] * world_size
+        self._order: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first sample (call before iterating)."""
+        if epoch != self.epoch or self.cursor >= self.num_samples:
+            self.epoch, self.cursor, self.steps_in_epoch = epoch, 0, 0
+        self._order = None
+
+    def set_rank_batches(self, rank_batches: Sequence[int]) -> None:
+        """Per-rank batch sizes of the next steps; every rank must pass the same list."""
+        if len(rank_batches) != self.world_size or any(size < 0 for size in rank_batches) or sum(rank_batches) < 1:
+            raise ValueError(f"rank_batches must be {self.world_size} sizes >= 0 summing to >= 1, got {list(rank_batches)}")
+        self.rank_batches = [int(size) for size in rank_batches]
+
+    @property
+    def remaining(self) -> int:
+        return self.num_samples - self.cursor
+
+    def next_step_batches(self) -> list[int]:
+        """The per-rank sizes the next step will really have (short only at the end of the epoch)."""
+        if sum(self.rank_batches) <= self.remaining:
+            return list(self.rank_batches)
+        return largest_remainder_split(self.remaining, self.rank_batches, min_size=0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        while self.cursor < self.num_samples:
+            step_batches = self.next_step_batches()
+            start, stop = rank_slices(step_batches)[self.rank]
+            indices = order[self.cursor + start:self.cursor + stop].tolist()
+            self.last_rank_batches = step_batches
+            self.cursor += sum(step_batches)
+            self.steps_in_epoch += 1
+            yield indices
+
+    def __len__(self) -> int:
+        """Steps left in this epoch if the split stays as it is now."""
+        return -(-self.remaining // sum(self.rank_batches))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "steps_in_epoch": self.steps_in_epoch,
+                "seed": self.seed, "num_samples": self.num_samples, "rank_batches": list(self.rank_batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue mid-epoch; the position is global, so a different world size can resume it (re-cut)."""
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, "
+                             f"this sampler has {self.num_samples} samples with seed {self.seed}")
+        self.epoch, self.cursor, self.steps_in_epoch = state["epoch"], state["cursor"], state["steps_in_epoch"]
+        if len(state["rank_batches"]) == self.world_size:
+            self.rank_batches = list(state["rank_batches"])

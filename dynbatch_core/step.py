@@ -1,0 +1,125 @@
+"""The training step on uneven per-rank batches, exact with respect to one step on the union batch.
+
+    sync = GradientSync(model.parameters(), world_size=2)
+    result = train_step(model, optimizer, images, labels, global_batch=16, rank=rank, sync=sync)
+
+Why it is exact: rank i's loss is sum_j loss(x_ij) / B (B = the global batch, not b_i), and gradients are *summed*
+over ranks, so the update equals that of one process holding all B samples, whatever the split. (Averaging per rank
+and then over ranks, as plain DDP does, weights a sample of a 3-sample rank 13/3 times more than one of a 13-sample
+rank.) This holds up to float summation order for models without batch statistics; batch norm normalises each rank's
+slice with that slice's own statistics, so a split changes the result unless SyncBatchNorm is used (CUDA only).
+
+Why an explicit all-reduce instead of DDP: DDP all-reduces inside backward(), so a timer around backward() includes
+waiting for the slowest rank. Here each rank's compute time (forward + backward + the emulated slowdown) is measured
+before the all-reduce, which is what the balancers must see, and a rank whose slice is empty (the short last step of
+an epoch) simply contributes zeros. The per-rank measurements ride along in the same all-reduce, so every rank learns
+every rank's compute time and batch size without another collective. benchmarks/overhead.py compares the throughput
+with plain DDP.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def uneven_batch_loss(logits: torch.Tensor, labels: torch.Tensor, global_batch: int) -> torch.Tensor:
+    """This rank's share of the global mean loss: sum over its samples divided by the global batch."""
+    return F.cross_entropy(logits, labels, reduction="sum") / global_batch
+
+
+class GradientSync:
+    """Sums gradients over all ranks in flat buckets (one all-reduce per bucket, all in flight together)."""
+
+    def __init__(self, parameters, *, world_size: int, bucket_mb: float = 25.0):
+        self.world_size = world_size
+        self.params = [p for p in parameters if p.requires_grad]
+        self.buckets: list[list[torch.nn.Parameter]] = [[]]
+        bucket_bytes = 0
+        for param in self.params:
+            size = param.numel() * param.element_size()
+            if self.buckets[-1] and bucket_bytes + size > bucket_mb * 2**20:
+                self.buckets.append([])
+                bucket_bytes = 0
+            self.buckets[-1].append(param)
+            bucket_bytes += size
+        self.buffers = [torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+                        for bucket in self.buckets]
+
+    def all_reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum every gradient and `stats` over ranks; returns the summed stats."""
+        if self.world_size == 1:
+            return stats
+        works = [dist.all_reduce(stats, async_op=True)]
+        for bucket, buffer in zip(self.buckets, self.buffers):
+            offset = 0
+            for param in bucket:
+                chunk = buffer[offset:offset + param.numel()]
+                if param.grad is None:
+                    chunk.zero_()
+                else:
+                    chunk.copy_(param.grad.reshape(-1))
+                offset += param.numel()
+            works.append(dist.all_reduce(buffer, async_op=True))
+        for work in works:
+            work.wait()
+        for bucket, buffer in zip(self.buckets, self.buffers):
+            offset = 0
+            for param in bucket:
+                summed = buffer[offset:offset + param.numel()].view_as(param)
+                if param.grad is None:
+                    param.grad = summed.clone()
+                else:
+                    param.grad.copy_(summed)
+                offset += param.numel()
+        return stats
+
+
+@dataclass(frozen=True)
+class StepResult:
+    compute_s: list[float]   # per rank: forward + backward + emulated delay, without waiting
+    rank_batches: list[int]  # per rank: samples in this step
+    loss_sums: list[float]   # per rank: summed loss over its samples
+    wait_s: float            # this rank: seconds in the all-reduce (communication + waiting for others)
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.rank_batches)
+
+    @property
+    def loss(self) -> float:
+        return sum(self.loss_sums) / max(1, self.global_batch)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
+               slowdown: float = 1.0) -> StepResult:
+    """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step."""
+    world_size = sync.world_size
+    optimizer.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    loss_sum = 0.0
+    if len(labels) > 0:
+        logits = model(images)
+        loss = uneven_batch_loss(logits, labels, global_batch)
+        loss.backward()
+        loss_sum = loss.item() * global_batch
+    elif images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    compute_s = time.perf_counter() - started
+    if slowdown > 1.0:
+        # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
+        time.sleep((slowdown - 1.0) * compute_s)
+        compute_s *= slowdown
+
+    stats = torch.zeros(3, world_size, dtype=torch.float64, device=images.device)
+    stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum], dtype=torch.float64)
+    waited_from = time.perf_counter()
+    stats = sync.all_reduce(stats)
+    wait_s = time.perf_counter() - waited_from
+    optimizer.step()
+    compute, batches, loss_sums = stats.cpu().tolist()
+    return StepResult(compute, [int(round(b)) for b in batches], loss_sums, wait_s)
