@@ -9,7 +9,7 @@ field's `help` is the flag's documentation.
 from __future__ import annotations
 
 import dataclasses
-import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +102,16 @@ def _check_rank_list(flag: str, values, world_size: int, minimum: float, what: s
 
 
 def _check_writable(out: str | None) -> None:
-    target = Path(out if out is not None else "runs").expanduser().resolve()
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"--out {out or 'runs'}: cannot create or write {target} ({existing} is not writable)")
+    """Create the run folder's parent (or runs/) and a scratch file in it: os.access is no proof under root."""
+    target = Path(out).expanduser() if out is not None else Path("runs")
+    parent = target.parent if out is not None else target
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out or 'runs'}: cannot create or write {parent.resolve()} "
+                         f"({error.strerror or error})") from None
 
 
 def validate_config(config: RunConfig) -> str:
@@ -171,6 +175,7 @@ def validate_config(config: RunConfig) -> str:
     if config.sync_bn and config.norm != "batch":
         raise ValueError("--sync-bn needs --norm batch")
     check_device(config.device, config.world_size, sync_bn=config.sync_bn)
+    data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
+                                       test_samples=config.test_samples, download=config.download)
     _check_writable(config.out)
-    return describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
-                                test_samples=config.test_samples, download=config.download)
+    return data_source
