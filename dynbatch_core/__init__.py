@@ -13,7 +13,8 @@ from .data import DATASET_NAMES, load_datasets
 from .metrics import RunResult, read_run
 from .models import MODEL_NAMES, build_model
 from .sampler import DynamicBatchSampler
-from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule, scaled_lr
+from .lr import scaled_lr
+from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .step import GradientSync, train_step, uneven_batch_loss
 from .train import run
 

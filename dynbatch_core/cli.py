@@ -68,16 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Dynamic batch sizing for data-parallel PyTorch training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
     train = commands.add_parser("train", help="train one run (spawns --world-size ranks, or joins torchrun's)",
-                                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110),
-                                epilog=_names_epilog())
-    train.formatter_class = _DefaultsFormatter
+                                formatter_class=_DefaultsFormatter, epilog=_names_epilog())
     add_config_flags(train)
     return parser
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """States every flag's default (unless its help already does), lists as 1,3."""
+
     def __init__(self, prog):
         super().__init__(prog, width=110, max_help_position=32)
+
+    def _get_help_string(self, action):
+        if action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+            return action.help
+        if "default:" in action.help:
+            return action.help
+        default = action.default
+        if isinstance(default, tuple):
+            default = ",".join(str(v) for v in default) or "none"
+        return f"{action.help} (default: {default})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,11 +43,30 @@ class RunConfig:
     schedule: str = _opt("static", "global batch schedule")
     min_batch: int | None = _opt(None, "smallest global batch a schedule may choose (default: world size)")
     max_batch: int | None = _opt(None, "largest global batch a schedule may choose (default: no limit)")
+    # schedule options (each schedule reads the ones it needs)
+    every: int = _opt(1, "increasing/decreasing: double/halve the global batch every N epochs")
+    plateau_window: int = _opt(2, "loss-plateau: epochs k over which progress P_k is measured")
+    plateau_threshold: float = _opt(50.0, "loss-plateau: double B when P_k = 1000*(sum loss/(k*min loss) - 1) "
+                                          "falls below this, else halve")
+    time_budget_s: float | None = _opt(None, "loss-plateau: also double B when an epoch took longer than this")
+    score_tolerance: float = _opt(0.02, "score: keep B when the score changed by less than this (relative)")
+    probe_sizes: tuple[int, ...] = _opt((16, 32, 64, 128), "probe: candidate global batches, one epoch each",
+                                        list_of=int)
+    smith_epochs: tuple[int, ...] = _opt((), "smith: epochs at which a step LR schedule would divide the LR",
+                                         list_of=int)
+    smith_factor: float = _opt(2.0, "smith: that division factor f (B is multiplied by f instead)")
+    warmup_steps: int = _opt(0, "steps of linear LR warm-up after each increase of the global batch")
     balancer: str | None = _opt(None, "per-rank split of the global batch (default: weights if --rank-weights "
                                       "is given, else equal)")
     rank_weights: tuple[float, ...] | None = _opt(None, "fixed per-rank shares for the weights balancer, e.g. 3,13",
                                                   list_of=float)
     max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard)")
+    balance_every: int = _opt(10, "pid: steps between split updates")
+    pid_kp: float = _opt(0.5, "pid: proportional gain (fraction of the distance to the target split per update)")
+    pid_ki: float = _opt(0.1, "pid: integral gain")
+    pid_ema: float = _opt(0.3, "pid: weight of the newest throughput sample in the moving average")
+    dead_band: float = _opt(0.05, "pid: no change while the ranks' step times differ by less than this fraction")
+    max_change: float = _opt(0.25, "pid: largest change of one rank's batch per update, as a fraction of B/n")
     slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
     slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")
     optimizer: str = _opt("sgd", "sgd or adam")
@@ -56,6 +75,8 @@ class RunConfig:
     weight_decay: float = _opt(0.0, "weight decay")
     lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear or sqrt "
                                    "(relative to the initial batch)")
+    lr_decay: str = _opt("cosine", "learning-rate decay over the run's samples: cosine (to 0 at the last epoch) "
+                                   "or none")
     seed: int = _opt(0, "seed of the model init and the sample order")
     # outputs
     out: str | None = _opt(None, "run folder for steps.csv, epochs.csv, config.json, model.pt "
@@ -83,7 +104,6 @@ class RunConfig:
 
 
 OPTIMIZERS = ("sgd", "adam")
-LR_SCALINGS = ("none", "linear", "sqrt")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -122,6 +142,7 @@ def validate_config(config: RunConfig) -> str:
     from .balancers import BALANCERS
     from .data import DATASET_NAMES, describe_data_source
     from .distributed import check_device
+    from .lr import LR_DECAYS, LR_SCALINGS
     from .models import MODEL_NAMES, NORM_CHOICES
     from .schedules import SCHEDULES
 
@@ -132,12 +153,15 @@ def validate_config(config: RunConfig) -> str:
     _check_choice("balancer", config.balancer_name, tuple(BALANCERS))
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("lr scaling", config.lr_scaling, LR_SCALINGS)
+    _check_choice("lr decay", config.lr_decay, LR_DECAYS)
     _check_choice("device", config.device, DEVICES)
     if config.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
     if config.batch_size < config.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is smaller than --world-size {config.world_size}: "
                          "every rank needs at least one sample per step")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {config.seed}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
     if config.max_steps is not None and config.max_steps < 1:

@@ -35,7 +35,8 @@ from .metrics import EPOCH_COLUMNS, STEP_COLUMNS, RunResult, read_run, write_ato
 from .models import build_model
 from .rundir import git_commit, prepare_run_dir
 from .sampler import DynamicBatchSampler
-from .schedules import EpochSummary, build_schedule, scaled_lr
+from .lr import decay_factor, scaled_lr, warmup_lr
+from .schedules import EpochSummary, build_schedule
 from .step import GradientSync, train_step
 
 
@@ -107,8 +108,7 @@ def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path)
         dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
     optimizer = _build_optimizer(config, model)
     schedule = build_schedule(config.schedule, **_schedule_options(config))
-    balancer = build_balancer(config.balancer_name, world_size, rank_weights=config.rank_weights,
-                              min_rank_batch=1, max_rank_batch=config.max_rank_batch)
+    balancer = build_balancer(config.balancer_name, world_size, **_balancer_options(config))
     slowdown = SlowdownPlan.from_options(world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
     sampler = DynamicBatchSampler(len(train_set), rank=rank, world_size=world_size, seed=config.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch)
@@ -118,12 +118,14 @@ def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path)
     step_rows: list[dict] = []
     epoch_rows: list[dict] = []
     global_step = 0
+    samples_seen = 0
+    total_samples = config.epochs * len(train_set)
     training_s = 0.0
+    lr = previous_lr = config.lr
     for epoch in range(config.epochs):
         decision = schedule.decide(epoch, history)
-        lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) * decision.lr_factor
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        target_lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) \
+            * decision.lr_factor
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         bar = progress_bar(total=math.ceil(len(train_set) / decision.global_batch),
@@ -140,6 +142,10 @@ def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path)
             except StopIteration:
                 break
             step_batches = sampler.last_rank_batches
+            lr = warmup_lr(previous_lr, target_lr, epoch_steps, config.warmup_steps) \
+                * decay_factor(config.lr_decay, samples_seen, total_samples)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             result = train_step(model, optimizer, images.to(device, non_blocking=True),
                                 labels.to(device, non_blocking=True), global_batch=sum(step_batches), rank=rank,
                                 sync=sync, slowdown=slowdown.factor(rank, global_step))
@@ -150,12 +156,14 @@ def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path)
                             "loss": result.loss_sums[rank] / max(1, result.rank_batches[rank]), "lr": lr})
             epoch_loss_sum += sum(result.loss_sums)
             epoch_samples += result.global_batch
+            samples_seen += result.global_batch
             epoch_steps += 1
             global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
         bar.close()
         epoch_s = time.perf_counter() - epoch_started
+        previous_lr = target_lr  # warm-up ramps between undecayed targets
         training_s += epoch_s
         balancer.end_epoch()
         test_loss, test_acc = evaluate(model, test_set, rank=rank, world_size=world_size, device=device)
@@ -213,10 +221,20 @@ def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.O
                            weight_decay=config.weight_decay)
 
 
+SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
+                    "probe_sizes", "smith_epochs", "smith_factor")
+BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
+
+
 def _schedule_options(config: RunConfig) -> dict:
     return {"initial_batch": config.batch_size,
             "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
-            "max_batch": config.max_batch}
+            "max_batch": config.max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
+
+
+def _balancer_options(config: RunConfig) -> dict:
+    return {"rank_weights": config.rank_weights, "min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
+            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
 
 
 def _run_label(config: RunConfig) -> str:
