@@ -1,13 +1,23 @@
 """Balancers: split a global batch B into per-rank sizes b_0..b_{n-1} with sum b_i = B.
 
-    balancer = build_balancer("weights", world_size=2, rank_weights=[3, 13])
-    balancer.split(16)                                   # -> [3, 13]
-    balancer.observe(compute_s=[0.12, 0.36], rank_batches=[8, 8])   # after every step, same values on every rank
-    balancer.end_epoch()
+    balancer = build_balancer("pid", world_size=2, balance_every=10)
+    balancer.split(64)                                   # -> [32, 32] before any measurement
+    balancer.observe(compute_s=[0.12, 0.36], rank_batches=[32, 32])   # after every step, same values on every rank
+    balancer.end_epoch()                                 # after the last step of every epoch
 
 Every rank holds its own balancer and feeds it the same all-gathered measurements (each rank's compute time and
 batch size of the last step, never its wait time), so every rank decides the same split without talking. Sizes are
-integers >= min_rank_batch (and <= max_rank_batch when given) rounded by largest remainder.
+integers >= min_rank_batch (and <= max_rank_batch when given, the memory guard) rounded by largest remainder from
+float shares, so any B can be split at any time:
+
+    equal      shares 1/n
+    weights    shares fixed by the user (--rank-weights 3,13)
+    dbs        shares = each rank's samples/s over the previous epoch (Ye et al. 2020); equal in the first epoch
+    pid        every balance_every steps, shares move towards the measured throughput shares with a PI
+               controller, a dead band on the ranks' step-time spread and a cap on each move (Tyagi & Sharma 2020)
+
+state_dict() is plain Python (floats, ints, lists) and holds everything a balancer learned, including a
+half-filled measurement window: a restored balancer makes exactly the decisions the original would.
 """
 from __future__ import annotations
 
@@ -43,6 +53,7 @@ class Balancer:
     """Base class: an equal split, no state. Subclasses override `weights` and, if they learn, `observe`."""
 
     name = "equal"
+    options: tuple[str, ...] = ()  # the build_balancer options this balancer takes
 
     def __init__(self, world_size: int, *, min_rank_batch: int = 1, max_rank_batch: int | None = None):
         self.world_size = world_size
@@ -63,10 +74,12 @@ class Balancer:
         """Called on every rank after the last step of an epoch."""
 
     def state_dict(self) -> dict:
-        return {}
+        return {"balancer": self.name, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if (state["balancer"], state["world_size"]) != (self.name, self.world_size):
+            raise ValueError(f"balancer state is for {state['balancer']!r} on {state['world_size']} ranks, this is "
+                             f"{self.name!r} on {self.world_size}")
 
 
 class EqualBalancer(Balancer):
@@ -79,9 +92,11 @@ class WeightsBalancer(Balancer):
     """Fixed shares given by the user (e.g. --rank-weights 3,13), as a DBS-style static split."""
 
     name = "weights"
+    options = ("rank_weights",)
 
-    def __init__(self, world_size: int, *, rank_weights: Sequence[float], **bounds):
+    def __init__(self, world_size: int, *, rank_weights: Sequence[float] | None = None, **bounds):
         super().__init__(world_size, **bounds)
+        rank_weights = [1.0] * world_size if rank_weights is None else rank_weights
         if len(rank_weights) != world_size:
             raise ValueError(f"rank_weights needs {world_size} entries, got {len(rank_weights)}")
         self.rank_weights = [float(w) for w in rank_weights]
@@ -90,7 +105,154 @@ class WeightsBalancer(Balancer):
         return list(self.rank_weights)
 
 
-BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (EqualBalancer, WeightsBalancer)}
+class _Window:
+    """Per-rank sums of samples and compute seconds over some steps."""
+
+    def __init__(self, world_size: int):
+        self.samples = [0.0] * world_size
+        self.compute_s = [0.0] * world_size
+        self.steps = 0
+
+    def add(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
+        self.samples = [total + float(b) for total, b in zip(self.samples, rank_batches)]
+        self.compute_s = [total + float(t) for total, t in zip(self.compute_s, compute_s)]
+        self.steps += 1
+
+    def throughput(self) -> list[float] | None:
+        """Samples per second of each rank, or None while some rank has no measurement."""
+        if any(b <= 0 or t <= 0 for b, t in zip(self.samples, self.compute_s)):
+            return None
+        return [b / t for b, t in zip(self.samples, self.compute_s)]
+
+    def state_dict(self) -> dict:
+        return {"samples": list(self.samples), "compute_s": list(self.compute_s), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples, self.compute_s = list(state["samples"]), list(state["compute_s"])
+        self.steps = state["steps"]
+
+
+def _normalised(values: Sequence[float]) -> list[float]:
+    total = float(sum(values))
+    return [v / total for v in values]
+
+
+class DBSBalancer(Balancer):
+    """Ye et al., "DBS: Dynamic Batch Size for Distributed DNN Training" (2020): at the end of every epoch
+
+        share_i = x_i / sum_j x_j,   x_i = sum of rank i's samples / sum of its compute seconds over that epoch,
+
+    used for the whole next epoch. The first epoch is split equally; an epoch in which some rank measured nothing
+    (no samples or no time) leaves the shares as they were.
+    """
+
+    name = "dbs"
+
+    def __init__(self, world_size: int, **bounds):
+        super().__init__(world_size, **bounds)
+        self.shares = [1.0 / world_size] * world_size
+        self.epoch_window = _Window(world_size)
+
+    def weights(self) -> list[float]:
+        return list(self.shares)
+
+    def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
+        self.epoch_window.add(compute_s, rank_batches)
+
+    def end_epoch(self) -> None:
+        throughput = self.epoch_window.throughput()
+        if throughput is not None:
+            self.shares = _normalised(throughput)
+        self.epoch_window = _Window(self.world_size)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "shares": list(self.shares), "epoch_window": self.epoch_window.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.shares = list(state["shares"])
+        self.epoch_window.load_state_dict(state["epoch_window"])
+
+
+class PIDBalancer(Balancer):
+    """Tyagi & Sharma, "Taming Resource Heterogeneity In Distributed ML Training With Dynamic Batching" (2020).
+
+    Every balance_every steps (observe() calls), from the window of steps since the last update:
+      1. throughput   r_i = sum samples_i / sum compute_s_i;  x_i <- pid_ema * r_i + (1 - pid_ema) * x_i
+                      (x_i = r_i at the first update); target share s*_i = x_i / sum_j x_j.
+      2. dead band    T_i = rank i's mean step compute time in the window; if (max T - min T) / max T <= dead_band
+                      the split is balanced to within the noise: no change, and the integral is reset (anti-windup).
+      3. PI step      e_i = s*_i - s_i;  I_i <- I_i + e_i;  delta_i = pid_kp * e_i + pid_ki * I_i.
+      4. cap          the whole delta is scaled down so that no |delta_i| exceeds max_change / n (and I keeps
+                      its old value: a capped move does not integrate, anti-windup); then
+                      s_i <- max(s_i + delta_i, 0.001 / n), normalised to sum 1.
+    A share-proportional-to-throughput split is steady exactly when all ranks' step times are equal, which is also
+    what the dead band measures. split(B) = largest_remainder_split(B, s) for any B. A window in which some rank
+    measured nothing is dropped.
+    """
+
+    name = "pid"
+    options = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
+
+    def __init__(self, world_size: int, *, balance_every: int = 10, pid_kp: float = 0.5, pid_ki: float = 0.1,
+                 pid_ema: float = 0.3, dead_band: float = 0.05, max_change: float = 0.25, **bounds):
+        super().__init__(world_size, **bounds)
+        for what, value, ok in (("balance_every", balance_every, balance_every >= 1),
+                                ("pid_kp", pid_kp, pid_kp >= 0), ("pid_ki", pid_ki, pid_ki >= 0),
+                                ("pid_ema", pid_ema, 0 < pid_ema <= 1), ("dead_band", dead_band, dead_band >= 0),
+                                ("max_change", max_change, max_change > 0)):
+            if not ok:
+                raise ValueError(f"pid balancer: {what}={value} is out of range (balance_every >= 1, gains >= 0, "
+                                 "0 < pid_ema <= 1, dead_band >= 0, max_change > 0)")
+        self.balance_every, self.pid_kp, self.pid_ki = balance_every, pid_kp, pid_ki
+        self.pid_ema, self.dead_band, self.max_change = pid_ema, dead_band, max_change
+        self.shares = [1.0 / world_size] * world_size
+        self.throughput: list[float] = []  # smoothed samples/s per rank; empty before the first update
+        self.integral = [0.0] * world_size
+        self.window = _Window(world_size)
+
+    def weights(self) -> list[float]:
+        return list(self.shares)
+
+    def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
+        self.window.add(compute_s, rank_batches)
+        if self.window.steps >= self.balance_every:
+            window, self.window = self.window, _Window(self.world_size)
+            self._update(window)
+
+    def _update(self, window: _Window) -> None:
+        sample = window.throughput()
+        if sample is None:
+            return
+        self.throughput = sample if not self.throughput else [
+            self.pid_ema * new + (1 - self.pid_ema) * old for new, old in zip(sample, self.throughput)]
+        step_s = [t / window.steps for t in window.compute_s]
+        if (max(step_s) - min(step_s)) / max(step_s) <= self.dead_band:
+            self.integral = [0.0] * self.world_size
+            return
+        errors = [target - share for target, share in zip(_normalised(self.throughput), self.shares)]
+        integral = [total + error for total, error in zip(self.integral, errors)]
+        deltas = [self.pid_kp * e + self.pid_ki * i for e, i in zip(errors, integral)]
+        cap = self.max_change / self.world_size
+        scale = min(1.0, cap / max(max(abs(d) for d in deltas), 1e-300))
+        if scale == 1.0:  # a capped move does not integrate (anti-windup)
+            self.integral = integral
+        floor = 0.001 / self.world_size
+        self.shares = _normalised([max(s + scale * d, floor) for s, d in zip(self.shares, deltas)])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "shares": list(self.shares), "throughput": list(self.throughput),
+                "integral": list(self.integral), "window": self.window.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.shares, self.throughput = list(state["shares"]), list(state["throughput"])
+        self.integral = list(state["integral"])
+        self.window.load_state_dict(state["window"])
+
+
+BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (EqualBalancer, WeightsBalancer, DBSBalancer,
+                                                                   PIDBalancer)}
 
 
 def build_balancer(name: str, world_size: int, *, rank_weights: Sequence[float] | None = None,
@@ -98,7 +260,7 @@ def build_balancer(name: str, world_size: int, *, rank_weights: Sequence[float] 
     """The balancer called `name`; options a balancer does not take are ignored."""
     if name not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; choose from {', '.join(BALANCERS)}")
-    bounds = {"min_rank_batch": min_rank_batch, "max_rank_batch": max_rank_batch}
-    if name == "weights":
-        return WeightsBalancer(world_size, rank_weights=rank_weights or [1.0] * world_size, **bounds)
-    return BALANCERS[name](world_size, **bounds)
+    cls = BALANCERS[name]
+    options["rank_weights"] = rank_weights
+    taken = {key: value for key, value in options.items() if key in cls.options and value is not None}
+    return cls(world_size, min_rank_batch=min_rank_batch, max_rank_batch=max_rank_batch, **taken)

@@ -50,7 +50,8 @@ class RunConfig:
                                           "falls below this, else halve")
     time_budget_s: float | None = _opt(None, "loss-plateau: also double B when an epoch took longer than this")
     score_tolerance: float = _opt(0.02, "score: keep B when the score changed by less than this (relative)")
-    probe_sizes: tuple[int, ...] = _opt((16, 32, 64, 128), "probe: candidate global batches, one epoch each",
+    probe_sizes: tuple[int, ...] = _opt((16, 32, 64, 128), "probe: candidate global batches, one epoch "
+                                        "each; then keeps the one with the fastest log-loss decrease per second",
                                         list_of=int)
     smith_epochs: tuple[int, ...] = _opt((), "smith: epochs at which a step LR schedule would divide the LR",
                                          list_of=int)
@@ -63,9 +64,10 @@ class RunConfig:
     max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard)")
     balance_every: int = _opt(10, "pid: steps between split updates")
     pid_kp: float = _opt(0.5, "pid: proportional gain (fraction of the distance to the target split per update)")
-    pid_ki: float = _opt(0.1, "pid: integral gain")
+    pid_ki: float = _opt(0.05, "pid: integral gain")
     pid_ema: float = _opt(0.3, "pid: weight of the newest throughput sample in the moving average")
-    dead_band: float = _opt(0.05, "pid: no change while the ranks' step times differ by less than this fraction")
+    dead_band: float = _opt(0.05, "pid: no change while the ranks' step times differ by less than this fraction "
+                                    "(keep it above the step-time noise of one --balance-every window)")
     max_change: float = _opt(0.25, "pid: largest change of one rank's batch per update, as a fraction of B/n")
     slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
     slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")
@@ -134,17 +136,33 @@ def _check_writable(out: str | None) -> None:
                          f"({error.strerror or error})") from None
 
 
+SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
+                    "probe_sizes", "smith_epochs", "smith_factor")
+BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
+
+
+def schedule_options(config: RunConfig) -> dict:
+    return {"initial_batch": config.batch_size,
+            "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
+            "max_batch": config.max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
+
+
+def balancer_options(config: RunConfig) -> dict:
+    return {"rank_weights": config.rank_weights, "min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
+            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
+
+
 def validate_config(config: RunConfig) -> str:
     """Raise ValueError (one line: what is wrong, what is allowed) or return a line saying where the data comes from.
 
     Run this before spawning anything; run() and the CLI both do.
     """
-    from .balancers import BALANCERS
+    from .balancers import BALANCERS, build_balancer
     from .data import DATASET_NAMES, describe_data_source
     from .distributed import check_device
     from .lr import LR_DECAYS, LR_SCALINGS
     from .models import MODEL_NAMES, NORM_CHOICES
-    from .schedules import SCHEDULES
+    from .schedules import SCHEDULES, build_schedule
 
     _check_choice("dataset", config.dataset, DATASET_NAMES)
     _check_choice("model", config.model, MODEL_NAMES)
@@ -198,6 +216,10 @@ def validate_config(config: RunConfig) -> str:
                          f"--batch-size {config.batch_size}")
     if config.sync_bn and config.norm != "batch":
         raise ValueError("--sync-bn needs --norm batch")
+    if config.schedule == "smith" and config.lr_scaling != "none":
+        raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
+    build_schedule(config.schedule, **schedule_options(config))       # their own range checks, one line each
+    build_balancer(config.balancer_name, config.world_size, **balancer_options(config))
     check_device(config.device, config.world_size, sync_bn=config.sync_bn)
     data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
                                        test_samples=config.test_samples, download=config.download)

@@ -29,8 +29,8 @@ Parameter counts for in_channels=3, num_classes=10, norm="batch":
 
 norm="batch" uses BatchNorm2d, "group" GroupNorm with 8 groups, "none" no normalisation (convs then get
 a bias); "none" gives a model without batch statistics, for tests that compare gradients exactly.
-Without normalisation the residual sums grow with depth (resnet56's initial logits reach ~1e3,
-resnet152's ~1e7), so pair "none" with resnet8 or resnet20.
+Without normalisation the residual sums would grow with depth, so with "none" the last conv of every residual
+branch starts at zero (as Fixup and torchvision's zero_init_residual do): each block starts as the identity.
 """
 
 import torch
@@ -154,6 +154,12 @@ class ResNet(nn.Module):
             elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.norm == "none":
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.conv2.weight)
+                elif isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.conv3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from .balancers import build_balancer
-from .config import RunConfig, validate_config
+from .config import RunConfig, balancer_options, schedule_options, validate_config
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
 from .distributed import (init_process_group, launched_by_torchrun, resolve_device, threads_per_rank,
@@ -107,8 +107,8 @@ def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path)
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
     optimizer = _build_optimizer(config, model)
-    schedule = build_schedule(config.schedule, **_schedule_options(config))
-    balancer = build_balancer(config.balancer_name, world_size, **_balancer_options(config))
+    schedule = build_schedule(config.schedule, **schedule_options(config))
+    balancer = build_balancer(config.balancer_name, world_size, **balancer_options(config))
     slowdown = SlowdownPlan.from_options(world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
     sampler = DynamicBatchSampler(len(train_set), rank=rank, world_size=world_size, seed=config.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch)
@@ -219,22 +219,6 @@ def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.O
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
-
-
-SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
-                    "probe_sizes", "smith_epochs", "smith_factor")
-BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
-
-
-def _schedule_options(config: RunConfig) -> dict:
-    return {"initial_batch": config.batch_size,
-            "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
-            "max_batch": config.max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
-
-
-def _balancer_options(config: RunConfig) -> dict:
-    return {"rank_weights": config.rank_weights, "min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
-            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
 
 
 def _run_label(config: RunConfig) -> str:

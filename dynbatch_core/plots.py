@@ -1,0 +1,298 @@
+"""Figures for the notebooks and the report: functions `DataFrame -> matplotlib Figure`, plus the metrics behind them.
+
+    from dynbatch_core import plots
+    epochs = plots.tag_runs({"static": static.epochs, "loss-plateau": dynamic.epochs})   # adds a 'run' column
+    fig = plots.accuracy_vs_time(epochs, title="MNIST, 2 ranks")
+    plots.save_figure(fig, "2gpu__accuracy_vs_time", epochs, "outputs/figures")        # PNG + CSV, atomically
+
+Tables are the run folder's tidy tables (metrics.STEP_COLUMNS, metrics.EPOCH_COLUMNS) with a `run` column naming
+the curve. Every function draws inside one seaborn theme (`_theme`, a context manager: importing this module changes
+no global matplotlib state). Times are `wall_s`: cumulative training seconds, evaluation excluded.
+
+Metric helpers (tables in, tables out) live here too, next to the figures that use them: `balance_efficiency`,
+`time_to_reach`, `throughput_ceiling`, `speedup_table`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from cycler import cycler
+
+from .metrics import write_atomic
+
+TIME_LABEL = "wall time (s, training only)"
+ACCURACY_LABEL = "test accuracy"
+LOSS_LABEL = "training loss (epoch mean cross-entropy)"
+BATCH_LABEL = "global batch size (samples)"
+RANK_BATCH_LABEL = "per-rank batch size (samples)"
+STEP_LABEL = "training step"
+EFFICIENCY_LABEL = "balance efficiency  Σ compute_i / (n · max compute_i)"
+SLOWDOWN_LABEL = "slowdown of the slowest rank k (× slower)"
+SPEEDUP_LABEL = "speed-up over the equal split (samples/s ratio)"
+FIGURE_DPI = 120
+
+
+@contextmanager
+def _theme():
+    """The one theme of every dynbatch figure: seaborn whitegrid, notebook context, colour-blind palette."""
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"),
+          "axes.prop_cycle": cycler(color=sns.color_palette("colorblind")), "figure.dpi": FIGURE_DPI,
+          "savefig.dpi": FIGURE_DPI, "savefig.bbox": "tight", "legend.frameon": True}
+    with matplotlib.rc_context(rc):
+        yield
+
+
+def _palette(labels: Sequence[str]) -> dict:
+    return dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+
+
+def _runs(table: pd.DataFrame) -> list[str]:
+    """Run labels in order of first appearance (the order the notebook ran them)."""
+    if "run" not in table:
+        raise ValueError("the table needs a 'run' column naming each curve (see plots.tag_runs)")
+    return list(dict.fromkeys(table["run"]))
+
+
+def tag_runs(tables: Mapping[str, pd.DataFrame], **columns: Mapping[str, object]) -> pd.DataFrame:
+    """One table from {run label: table}, with a 'run' column first; `columns` adds more per-run columns."""
+    parts = []
+    for label, table in tables.items():
+        part = table.copy()
+        for name, values in reversed(list(columns.items())):
+            part.insert(0, name, [values[label]] * len(part))
+        part.insert(0, "run", label)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs training time",
+                     show_batch: bool = False) -> plt.Figure:
+    """Test accuracy at the end of each epoch against cumulative training seconds, one curve per run.
+
+    show_batch: write each epoch's global batch next to its point and add a panel with the batch over time.
+    """
+    runs = _runs(epochs)
+    colours = _palette(runs)
+    with _theme():
+        if show_batch:
+            fig, (ax, ax_batch) = plt.subplots(2, 1, figsize=(8, 6.2), sharex=True,
+                                               gridspec_kw={"height_ratios": [3, 1.3]})
+        else:
+            fig, ax = plt.subplots(figsize=(8, 4.8))
+        for run in runs:
+            part = epochs[epochs["run"] == run]
+            ax.plot(part["wall_s"], part["test_acc"], marker="o", color=colours[run], label=run)
+            if show_batch:
+                for x, y, batch in zip(part["wall_s"], part["test_acc"], part["global_batch"]):
+                    ax.annotate(f"B={batch}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
+                                fontsize="x-small", color=colours[run])
+                # the batch holds from the start of its epoch (previous wall_s) to its end
+                starts = [0.0] + list(part["wall_s"])
+                ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],
+                              where="post", color=colours[run], label=run)
+        ax.set_ylabel(ACCURACY_LABEL)
+        ax.set_title(title)
+        ax.legend(title="run", loc="lower right")
+        if show_batch:
+            ax_batch.set_yscale("log", base=2)
+            ax_batch.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax_batch.set_ylabel(BATCH_LABEL, fontsize="small")
+            ax_batch.set_xlabel(TIME_LABEL)
+            _pad_log_axis(ax_batch, epochs["global_batch"])
+        else:
+            ax.set_xlabel(TIME_LABEL)
+        ax.set_xlim(left=0)
+        fig.tight_layout()
+    return fig
+
+
+def _pad_log_axis(ax, values: pd.Series) -> None:
+    low, high = float(values.min()), float(values.max())
+    ax.set_ylim(low / 1.5, high * 1.5)
+    ax.set_yticks(sorted(set(int(v) for v in values)))
+    ax.minorticks_off()
+
+
+def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs training time",
+                 target_loss: float | None = None) -> plt.Figure:
+    """Mean training loss of each epoch (plotted at the epoch's end) against cumulative training seconds.
+
+    target_loss: draw it as a dashed line (the level `time_to_reach` measured against).
+    """
+    runs = _runs(epochs)
+    colours = _palette(runs)
+    with _theme():
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for run in runs:
+            part = epochs[epochs["run"] == run]
+            ax.plot(part["wall_s"], part["train_loss"], marker="o", color=colours[run], label=run)
+        if target_loss is not None:
+            ax.axhline(target_loss, color="0.4", linestyle="--", linewidth=1,
+                       label=f"target loss {target_loss:.3g}")
+        ax.set_yscale("log")
+        ax.set_xlabel(TIME_LABEL)
+        ax.set_ylabel(LOSS_LABEL + ", log scale")
+        ax.set_xlim(left=0)
+        ax.set_title(title)
+        ax.legend(title="schedule")
+        fig.tight_layout()
+    return fig
+
+
+def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch size over training") -> plt.Figure:
+    """Each rank's batch size at every step, one panel per run (balancer)."""
+    runs = _runs(steps)
+    ranks = sorted(steps["rank"].unique())
+    colours = _palette([f"rank {r}" for r in ranks])
+    with _theme():
+        fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 4.2), sharey=True, squeeze=False)
+        for ax, run in zip(axes[0], runs):
+            part = steps[steps["run"] == run]
+            for rank in ranks:
+                mine = part[part["rank"] == rank]
+                ax.plot(mine["step"], mine["batch_size"], color=colours[f"rank {rank}"], label=f"rank {rank}",
+                        linewidth=1.4)
+            ax.set_title(run)
+            ax.set_xlabel(STEP_LABEL)
+        axes[0][0].set_ylabel(RANK_BATCH_LABEL)
+        axes[0][-1].legend(title=_slowdown_legend_title(steps), loc="best")
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def _slowdown_legend_title(steps: pd.DataFrame) -> str:
+    if "slowdown" in steps:
+        return f"rank (slowdown {steps['slowdown'].iloc[0]})"
+    return "rank"
+
+
+def balance_efficiency(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per run and step: efficiency = Σ_i compute_i / (n · max_i compute_i), from steps.csv rows.
+
+    1 means every rank computed for the same time (nobody waited); with one rank k times slower under an equal
+    split of 2 ranks it is (1 + k) / (2k). Columns: run (if present), epoch, step, global_batch, efficiency.
+    """
+    keys = (["run"] if "run" in steps else []) + ["epoch", "step", "global_batch"]
+    grouped = steps.groupby(keys, sort=False)["compute_s"]
+    table = grouped.agg(["sum", "max", "count"]).reset_index()
+    table["efficiency"] = table["sum"] / (table["count"] * table["max"]).where(table["max"] > 0)
+    return table[keys + ["efficiency"]]
+
+
+def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance efficiency over training",
+                                  window: int = 10) -> plt.Figure:
+    """Balance efficiency per step (thin) and its `window`-step rolling mean (thick), one colour per run."""
+    table = balance_efficiency(steps)
+    runs = _runs(table)
+    colours = _palette(runs)
+    with _theme():
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for run in runs:
+            part = table[table["run"] == run]
+            ax.plot(part["step"], part["efficiency"], color=colours[run], alpha=0.25, linewidth=0.8)
+            ax.plot(part["step"], part["efficiency"].rolling(window, min_periods=1).mean(), color=colours[run],
+                    linewidth=2, label=run)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel(STEP_LABEL)
+        ax.set_ylabel(EFFICIENCY_LABEL)
+        ax.set_title(title)
+        ax.legend(title=f"balancer ({window}-step mean)", loc="lower right")
+        fig.tight_layout()
+    return fig
+
+
+def throughput_ceiling(slowdown: Sequence[float]) -> float:
+    """Best possible speed-up of a proportional split over the equal split: mean(speed) / min(speed), speed = 1/k."""
+    speeds = [1.0 / k for k in slowdown]
+    return float(np.mean(speeds) / min(speeds))
+
+
+def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
+    """Speed-up of each balancer over `baseline` at each slowdown, from the last epoch's samples/s.
+
+    `epochs` needs columns balancer, slowest (the slowest rank's k), slowdown (the whole vector, as text or tuple),
+    epoch and samples_per_s. The last epoch is used so that a balancer that adapts after the first epoch (dbs) is
+    measured once it has adapted. Columns out: slowest, slowdown, balancer, samples_per_s, speedup, ceiling.
+    """
+    last = epochs.sort_values("epoch").groupby(["slowest", "balancer"], sort=False).tail(1)
+    rows = []
+    for slowest, group in last.groupby("slowest"):
+        base = group.loc[group["balancer"] == baseline, "samples_per_s"]
+        if base.empty:
+            continue
+        slowdown = group["slowdown"].iloc[0]
+        vector = [float(k) for k in (slowdown.split(",") if isinstance(slowdown, str) else slowdown)]
+        for row in group.itertuples():
+            rows.append({"slowest": slowest, "slowdown": slowdown, "balancer": row.balancer,
+                         "samples_per_s": row.samples_per_s, "speedup": row.samples_per_s / base.iloc[0],
+                         "ceiling": throughput_ceiling(vector)})
+    return pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
+
+
+def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balancing vs the slowest rank's slowdown"
+                        ) -> plt.Figure:
+    """Speed-up over the equal split (from `speedup_table`) against k, with the ceiling mean(speed)/min(speed)."""
+    balancers = list(dict.fromkeys(table["balancer"]))
+    colours = _palette(balancers)
+    with _theme():
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        ceiling = table.drop_duplicates("slowest").sort_values("slowest")
+        ax.plot(ceiling["slowest"], ceiling["ceiling"], color="0.3", linestyle="--", marker="_", markersize=14,
+                label="ceiling mean(speed)/min(speed)")
+        for balancer in balancers:
+            part = table[table["balancer"] == balancer].sort_values("slowest")
+            ax.plot(part["slowest"], part["speedup"], marker="o", color=colours[balancer], label=balancer)
+        ax.set_xticks(sorted(table["slowest"].unique()))
+        ax.set_xlabel(SLOWDOWN_LABEL)
+        ax.set_ylabel(SPEEDUP_LABEL)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.legend(title="balancer", loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool) -> pd.DataFrame:
+    """Per run: the training seconds (and samples) at which `column` first reaches `target`.
+
+    Linear interpolation between epoch ends; reached during the first epoch counts at that epoch's end. Columns:
+    run, time_s, samples (NaN where never reached).
+    """
+    rows = []
+    for run in _runs(epochs):
+        part = epochs[epochs["run"] == run]
+        values = part[column].to_numpy(float)
+        times = part["wall_s"].to_numpy(float)
+        samples = part["samples"].cumsum().to_numpy(float)
+        reached = values <= target if lower_is_better else values >= target
+        time_s = seen = math.nan
+        if reached.any():
+            j = int(np.argmax(reached))
+            time_s, seen = times[j], samples[j]
+            if j > 0 and values[j] != values[j - 1]:
+                fraction = (target - values[j - 1]) / (values[j] - values[j - 1])
+                time_s = times[j - 1] + fraction * (times[j] - times[j - 1])
+                seen = samples[j - 1] + fraction * (samples[j] - samples[j - 1])
+        rows.append({"run": run, "time_s": time_s, "samples": seen})
+    return pd.DataFrame(rows, columns=["run", "time_s", "samples"])
+
+
+def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write `<out_dir>/<name>.png` and the data behind it as `<name>.csv`, each via a temporary name + os.replace."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out_dir / f"{name}.png", "csv": out_dir / f"{name}.csv"}
+    write_atomic(paths["png"], lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI, bbox_inches="tight"))
+    write_atomic(paths["csv"], lambda tmp: data.to_csv(tmp, index=False))
+    return paths
+

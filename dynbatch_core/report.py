@@ -1,0 +1,403 @@
+"""The report: run every notebook with papermill, keep each figure (PNG + CSV), and write outputs/REPORT.md.
+
+    python -m dynbatch_core report                    # the `report` parameter set (CPU, ~40 min on 2 cores)
+    python -m dynbatch_core report --params defaults  # the notebooks' own small defaults (a minute or two each)
+    python -m dynbatch_core report --notebooks 4gpu   # re-run one notebook; REPORT.md still covers all of them
+    python -m dynbatch_core report --no-execute       # only rewrite REPORT.md from what outputs/ holds
+
+Parameter sets are YAML files next to the notebooks (notebooks/params/<set>/<notebook>.yaml, papermill's `-f`);
+`output_dir` is injected so that figures land in <out>/figures, while a notebook run by hand or by nbval keeps its
+default scratch folder (runs/notebook-figures). Executed notebooks go to <out>/notebooks.
+
+The notebooks use the helpers at the top of this file: `setup_notebook` (repo root, run folders, RunConfig with
+the notebook's overrides), `write_summary` (the <notebook>__summary.json that the tests and REPORT.md read), and
+the `describe_*` functions, which turn results into the sentences printed in the notebook and copied to REPORT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+from .config import RunConfig
+from .metrics import RunResult, write_atomic, write_json
+
+NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous")
+PARAMETER_SETS = ("report", "full", "defaults")
+CLASS_STUDY = ("the class study (full datasets, ResNet-18/101 on GPUs) saw an accuracy dip on 1 GPU when the probe "
+               "schedule dropped the batch back to 16, and on 4 GPUs found the decreasing and loss-based schedules "
+               "fastest")
+DIP_POINTS = 0.2  # a drop in test accuracy of at least this many percentage points counts as a dip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers for the notebooks
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The dynbatch checkout: the first folder at or above `start` (default: cwd) holding pyproject.toml and
+    dynbatch_core/, else the folder above this package (an editable install)."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "dynbatch_core").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class NotebookSetup:
+    notebook: str             # e.g. "4gpu": the prefix of every figure and of the summary file
+    repo: Path                # the checkout; relative paths in parameters are relative to it
+    runs_dir: Path            # run folders: <runs_dir>/<label>
+    output_dir: Path          # figures, their CSVs, <notebook>__summary.json
+    data_dir: str | None      # resolved data folder (None: $DYNBATCH_DATA or the embedded subset)
+    overrides: dict           # RunConfig fields applied to every run of the notebook (the `config_overrides` param)
+
+    def config(self, label: str, **fields) -> RunConfig:
+        """The RunConfig of run `label`: `fields`, then the overrides; its folder <runs_dir>/<label>, overwritten."""
+        values = {"data_dir": self.data_dir, **fields, **self.overrides,
+                  "out": str(self.runs_dir / label), "overwrite": True, "progress": False}
+        return RunConfig.from_dict(values)
+
+    def figure_name(self, figure: str) -> str:
+        return f"{self.notebook}__{figure}"
+
+
+def setup_notebook(notebook: str, *, output_dir: str, runs_dir: str, data_dir: str | None = None,
+                   config_overrides: Mapping | None = None) -> NotebookSetup:
+    """Resolve the notebook's folders against the repo root (so papermill from anywhere and JupyterLab in
+    notebooks/ agree) and create them.
+
+    Also sets OMP_WAIT_POLICY=PASSIVE (unless set) for the ranks spawned later: on a CPU shared with other work,
+    OpenMP's default spin-waiting made a 2-thread rank ~25x slower when one core was busy (measured here).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    repo = find_repo_root()
+    resolve = lambda path: (repo / Path(path).expanduser()).resolve()  # an absolute path stays as it is
+    output, runs = resolve(output_dir), resolve(runs_dir) / notebook
+    output.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    return NotebookSetup(notebook, repo, runs, output, str(resolve(data_dir)) if data_dir else None,
+                         dict(config_overrides or {}))
+
+
+def batch_schedule(result: RunResult) -> list[int]:
+    return [int(b) for b in result.epochs["global_batch"]]
+
+
+def run_summary(result: RunResult) -> dict:
+    """The numbers of one run that the tests and REPORT.md use."""
+    epochs = result.epochs
+    last = epochs.iloc[-1]
+    return {"final_test_acc": round(float(last["test_acc"]), 4), "best_test_acc": round(float(epochs["test_acc"].max()), 4),
+            "final_train_loss": round(float(last["train_loss"]), 4), "global_batch_per_epoch": batch_schedule(result),
+            "epochs": len(epochs), "steps": int(epochs["steps"].sum()), "wall_s": round(float(last["wall_s"]), 2),
+            "samples_per_s_last_epoch": round(float(last["samples_per_s"]), 1),
+            "git_commit": result.config.get("resolved", {}).get("git_commit")}
+
+
+def write_summary(setup: NotebookSetup, *, runs: Mapping[str, RunResult], figures: Mapping[str, Mapping],
+                  comparison: Sequence[str] = (), extra: Mapping | None = None) -> dict:
+    """Write <output_dir>/<notebook>__summary.json and return the small, nearly deterministic dict to print.
+
+    figures: {figure: {"paths": save_figure's dict, "title": str, "findings": [sentences]}}.
+    """
+    from .rundir import git_commit
+    payload = {"notebook": setup.notebook, "git_commit": git_commit(),
+               "runs": {label: run_summary(result) for label, result in runs.items()},
+               "figures": {name: {"png": Path(fig["paths"]["png"]).name, "csv": Path(fig["paths"]["csv"]).name,
+                                  "title": fig.get("title", name), "findings": list(fig.get("findings", ()))}
+                           for name, fig in figures.items()},
+               "comparison": list(comparison), **dict(extra or {})}
+    write_json(setup.output_dir / f"{setup.notebook}__summary.json", payload)
+    return {label: {"global_batch_per_epoch": summary["global_batch_per_epoch"],
+                    "final_test_acc": round(summary["final_test_acc"], 2)}
+            for label, summary in payload["runs"].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sentences from numbers (shown in the notebooks, copied into REPORT.md)
+
+
+def _batches(values: Sequence[int]) -> str:
+    """[16, 16, 32] -> '16 → 16 → 32'."""
+    return " → ".join(str(int(v)) for v in values)
+
+
+def _names(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def probe_outcome(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> dict:
+    """What the probe did: the chosen batch and the test accuracy just before and after returning to it."""
+    probes = min(len(probe_sizes), len(epochs))
+    outcome = {"probe_epochs": probes, "chosen_batch": None, "dropped": False, "dip_points": None}
+    if len(epochs) > probes:
+        before, after = epochs.iloc[probes - 1], epochs.iloc[probes]
+        outcome.update(chosen_batch=int(after["global_batch"]),
+                       dropped=bool(after["global_batch"] < before["global_batch"]),
+                       acc_before=float(before["test_acc"]), acc_after=float(after["test_acc"]),
+                       dip_points=round(100 * (before["test_acc"] - after["test_acc"]), 2))
+    return outcome
+
+
+def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(findings, comparison with the class study) for one probe run's epochs table."""
+    outcome = probe_outcome(epochs, probe_sizes)
+    probes = outcome["probe_epochs"]
+    probe_part = epochs.iloc[:probes]
+    first, last = epochs.iloc[0], epochs.iloc[-1]
+    findings = [f"The probe ran one epoch at each global batch {_batches(probe_part['global_batch'])} "
+                f"({probe_part['wall_s'].iloc[-1]:.0f} s of training)"
+                + (f", then kept B = {outcome['chosen_batch']} for the remaining {len(epochs) - probes} epoch(s)."
+                   if outcome["chosen_batch"] else "; the run ended before it chose a batch."),
+                f"Test accuracy rose from {first['test_acc']:.3f} after the first epoch to {last['test_acc']:.3f} "
+                f"after {len(epochs)} epochs and {last['wall_s']:.0f} s of training."]
+    if outcome["chosen_batch"] is None:
+        return findings, []
+    step = (f"from {outcome['acc_before']:.3f} to {outcome['acc_after']:.3f} "
+            f"({-outcome['dip_points']:+.1f} points)")
+    if outcome["dropped"]:
+        dipped = outcome["dip_points"] >= DIP_POINTS
+        findings.append(f"When the batch dropped from {int(probe_part['global_batch'].iloc[-1])} back to "
+                        f"{outcome['chosen_batch']}, test accuracy went {step}: "
+                        + ("a dip." if dipped else "no dip."))
+        comparison = [("Like" if dipped else "Unlike") + " the class study's 1-GPU probe, which dipped when the "
+                      f"batch dropped back to 16: here the probe chose {outcome['chosen_batch']} and accuracy went "
+                      f"{step} at the drop."]
+    else:
+        findings.append(f"The chosen batch is not smaller than the last probe's, so there was no drop back to a "
+                        f"small batch (accuracy went {step} into the first epoch at the chosen size).")
+        comparison = [f"The class study's dip came with the drop back to B = 16; here the probe chose "
+                      f"{outcome['chosen_batch']}, so that situation did not arise."]
+    return findings, comparison
+
+
+def describe_accuracy_race(epochs: pd.DataFrame) -> list[str]:
+    """Final accuracies and the time each run needed to reach the lowest of them."""
+    from .plots import time_to_reach
+    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    findings = ["Global batch per epoch: " + "; ".join(
+        f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + "."]
+    findings.append("Final test accuracy: " + ", ".join(
+        f"{run} {row.test_acc:.3f} after {row.wall_s:.0f} s" for run, row in finals.iterrows()) + ".")
+    if len(finals) > 1:
+        target = float(finals["test_acc"].min())
+        reach = time_to_reach(epochs, "test_acc", target, lower_is_better=False).sort_values("time_s")
+        findings.append(f"To reach {target:.3f} (the lowest final accuracy) took " + ", ".join(
+            f"{row.run} {row.time_s:.0f} s" for row in reach.itertuples()) +
+            f": {reach['run'].iloc[0]} was {reach['time_s'].iloc[-1] / reach['time_s'].iloc[0]:.2f}× faster "
+            f"than {reach['run'].iloc[-1]}.")
+    return findings
+
+
+def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau")
+                           ) -> tuple[list[str], list[str], float]:
+    """(findings, comparison, target loss): time to reach the highest final training loss, and why.
+
+    Time to a loss = samples needed / samples per second, so the sentence says which of the two decided it.
+    """
+    from .plots import time_to_reach
+    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    target = float(finals["train_loss"].max())
+    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True).sort_values("time_s")
+    reach["rate"] = reach["samples"] / reach["time_s"]
+    fastest, slowest = reach.iloc[0], reach.iloc[-1]
+    findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it): "
+                + ", ".join(f"{row.run} {row.time_s:.0f} s" for row in reach.itertuples()) + ".",
+                "Global batch per epoch: " + "; ".join(
+                    f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index)
+                + "."]
+    sample_ratio = slowest.samples / fastest.samples
+    rate_ratio = fastest.rate / slowest.rate
+    reason = "fewer samples" if sample_ratio >= rate_ratio else "faster processing of samples"
+    findings.append(f"{fastest.run} beat {slowest.run} by {slowest.time_s / fastest.time_s:.2f}×: it needed "
+                    f"{fastest.samples:.0f} samples instead of {slowest.samples:.0f} ({sample_ratio:.2f}×) at "
+                    f"{fastest.rate:.0f} instead of {slowest.rate:.0f} samples/s ({rate_ratio:.2f}×), so mostly "
+                    f"{reason}.")
+    by_batch = epochs.groupby("global_batch")["samples_per_s"].median()
+    if len(by_batch) > 1:
+        findings.append(f"Throughput depends on the batch here: median {by_batch.iloc[0]:.0f} samples/s at "
+                        f"B = {by_batch.index[0]} vs {by_batch.iloc[-1]:.0f} at B = {by_batch.index[-1]}; "
+                        "a schedule that spends its early, fast-falling-loss epochs at large batches gains time "
+                        "there, one that starts small pays for it.")
+    two_fastest = list(reach["run"].iloc[:2])
+    agree = set(two_fastest) == set(expected_fastest)
+    comparison = [f"{'As in' if agree else 'Unlike'} the class study (4 GPUs: {_names(expected_fastest)} fastest), "
+                  f"the two fastest here were {_names(two_fastest)}; {fastest.run} won mostly through {reason}."]
+    return findings, comparison, target
+
+
+def describe_balancing(steps: pd.DataFrame, epochs: pd.DataFrame, speedups: pd.DataFrame,
+                       slowdown: Sequence[float]) -> dict[str, list[str]]:
+    """Sentences for the heterogeneous notebook's four figures, keyed like its figures."""
+    from .plots import balance_efficiency, throughput_ceiling
+    runs = list(dict.fromkeys(steps["run"]))
+    speeds = [1.0 / k for k in slowdown]
+    ideal = [round(s / sum(speeds), 2) for s in speeds]
+    splits = []
+    for run in runs:
+        part = steps[(steps["run"] == run) & (steps["epoch"] == steps.loc[steps["run"] == run, "epoch"].max())]
+        full = part[part["global_batch"] == part["global_batch"].max()]
+        last_step = full[full["step"] == full["step"].max()].sort_values("rank")
+        splits.append(f"{run} [{', '.join(str(int(b)) for b in last_step['batch_size'])}]")
+    efficiency = balance_efficiency(steps)
+    last_epoch = efficiency[efficiency["epoch"] == efficiency.groupby("run")["epoch"].transform("max")]
+    mean_eff = last_epoch.groupby("run", sort=False)["efficiency"].mean()
+    equal_eff = sum(slowdown) / (len(slowdown) * max(slowdown))
+    at_main = speedups[speedups["slowest"] == max(slowdown)]
+    others = at_main[at_main["balancer"] != "equal"]
+    return {
+        "rank_batches": [f"With slowdown {list(slowdown)}, the speed-proportional shares are {ideal}; the split at the "
+                         "last full step was " + ", ".join(splits) + "."],
+        "balance_efficiency": ["Mean balance efficiency in the last epoch: " + ", ".join(
+            f"{run} {value:.2f}" for run, value in mean_eff.items()) +
+            f" (an equal split of these slowdowns gives {equal_eff:.2f} in theory, a perfect split 1)."],
+        "speedup": [f"At slowdown {list(slowdown)} the ceiling is {throughput_ceiling(slowdown):.2f}×; measured on "
+                    "the last epoch: " + ", ".join(f"{row.balancer} {row.speedup:.2f}×" for row in others.itertuples())
+                    + ".",
+                    "The ceiling assumes a fixed cost per sample; on a CPU the cost per sample falls with the batch, "
+                    "so the fast rank's larger slice can take it slightly past the ceiling."],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report command
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `report` to the CLI's subcommands (cli.build_parser)."""
+    parser = subparsers.add_parser(
+        "report", help="execute every notebook with papermill; write figures, CSVs and REPORT.md",
+        description="Execute the notebooks with a parameter set and write <out>/notebooks/*.ipynb, "
+                    "<out>/figures/<notebook>__<figure>.png/.csv and <out>/REPORT.md.")
+    parser.add_argument("--params", choices=PARAMETER_SETS, default="report",
+                        help="parameter set: notebooks/params/<set>/<notebook>.yaml, or the notebooks' defaults "
+                             "(default: report)")
+    parser.add_argument("--notebooks", nargs="+", choices=NOTEBOOKS, default=list(NOTEBOOKS), metavar="NAME",
+                        help=f"which notebooks to execute (default: all of {', '.join(NOTEBOOKS)})")
+    parser.add_argument("--out", default="outputs", help="output folder, relative to the repo root (default: outputs)")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    parser.add_argument("--no-execute", action="store_true", help="only rewrite REPORT.md from <out>")
+    return parser
+
+
+def load_parameters(repo: Path, notebook: str, parameter_set: str) -> dict:
+    if parameter_set == "defaults":
+        return {}
+    import yaml
+    path = repo / "notebooks" / "params" / parameter_set / f"{notebook}.yaml"
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values")
+    return values
+
+
+def execute_notebook(repo: Path, notebook: str, parameter_set: str, out: Path, kernel: str = "python3") -> float:
+    """Run one notebook with papermill (cwd = repo root) into <out>/notebooks; returns its seconds."""
+    import nbformat
+    import papermill
+    parameters = {**load_parameters(repo, notebook, parameter_set), "output_dir": str(out / "figures")}
+    target = out / "notebooks" / f"{notebook}.ipynb"
+    started = time.perf_counter()
+    try:
+        executed = papermill.execute_notebook(str(repo / "notebooks" / f"{notebook}.ipynb"), str(target),
+                                              parameters=parameters, kernel_name=kernel, cwd=str(repo),
+                                              progress_bar=False)
+    finally:
+        seconds = time.perf_counter() - started
+    executed = nbformat.read(str(target), as_version=4)
+    executed.metadata["dynbatch"] = {"parameter_set": parameter_set, "seconds": round(seconds, 1)}
+    write_atomic(target, lambda tmp: nbformat.write(executed, tmp))
+    return seconds
+
+
+def main_report(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    repo = find_repo_root()
+    out = (repo / args.out).resolve()
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.no_execute:
+        bar = tqdm(args.notebooks, desc=f"report ({args.params})", unit="notebook", file=sys.stderr)
+        for notebook in bar:
+            bar.set_postfix_str(notebook)
+            try:
+                seconds = execute_notebook(repo, notebook, args.params, out, args.kernel)
+                bar.write(f"[dynbatch] {notebook}: {seconds:.0f} s -> {out / 'notebooks' / (notebook + '.ipynb')}")
+            except Exception as error:  # papermill's PapermillExecutionError, a missing kernel, bad YAML ...
+                failed.append(notebook)
+                bar.write(f"[dynbatch] {notebook} FAILED: {str(error).strip().splitlines()[-1] if str(error) else error!r}")
+    report_path = write_report(repo, out, failed)
+    print(report_path)
+    return 1 if failed else 0
+
+
+def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
+    """<out>/REPORT.md from <out>/figures/*__summary.json and the executed notebooks' metadata."""
+    import nbformat
+    import papermill
+    from .rundir import git_commit
+    sections, comparisons, total_s, parameter_sets = [], [], 0.0, set()
+    for notebook in NOTEBOOKS:
+        summary_path = out / "figures" / f"{notebook}__summary.json"
+        executed_path = out / "notebooks" / f"{notebook}.ipynb"
+        if notebook in failed or not summary_path.exists() or not executed_path.exists():
+            state = "failed" if notebook in failed else "not run"
+            sections.append(f"## {notebook}\n\n*{state}* — see `{executed_path.relative_to(out)}`.\n")
+            continue
+        summary = json.loads(summary_path.read_text())
+        executed = nbformat.read(str(executed_path), as_version=4)
+        meta = executed.metadata.get("dynbatch", {})
+        injected = dict(executed.metadata.get("papermill", {}).get("parameters", {}))
+        injected.pop("output_dir", None)
+        defaults = papermill.inspect_notebook(str(repo / "notebooks" / f"{notebook}.ipynb"))
+        total_s += meta.get("seconds", 0.0)
+        parameter_sets.add(meta.get("parameter_set", "?"))
+        params = ", ".join(f"`{name}={injected[name]!r}`" if name in injected else f"`{name}={info['default']}`"
+                           for name, info in defaults.items() if name not in ("output_dir", "runs_dir"))
+        lines = [f"## {notebook}\n", f"Notebook `notebooks/{notebook}.ipynb`, executed copy "
+                 f"`notebooks/{notebook}.ipynb` here ({meta.get('seconds', float('nan')):.0f} s), parameter set "
+                 f"`{meta.get('parameter_set', '?')}`, git commit `{summary.get('git_commit')}`.\n",
+                 f"Parameters: {params}.\n"]
+        for figure in summary["figures"].values():
+            lines.append(f"### {figure['title']}\n\n![{figure['title']}](figures/{figure['png']})\n")
+            lines.append(" ".join(figure["findings"]) + f" Data: [`figures/{figure['csv']}`](figures/{figure['csv']}).\n")
+        comparisons += [f"- **{notebook}**: {sentence}" for sentence in summary.get("comparison", [])]
+        sections.append("\n".join(lines))
+    head = [
+        "# dynbatch report\n",
+        f"Written by `python -m dynbatch_core report --params {'/'.join(sorted(parameter_sets)) or '?'}` on "
+        f"{datetime.date.today().isoformat()} at git commit `{git_commit()}` (`-dirty`: the report was produced "
+        f"from uncommitted changes on top of that commit); {len(NOTEBOOKS) - len(failed)} notebook(s), "
+        f"{total_s / 60:.1f} min of notebook time on {_machine()}. Each figure's data is the CSV next to it; the "
+        "executed notebooks are in `notebooks/`. Times are training seconds (evaluation excluded), measured on a "
+        "machine shared with other work, so they are noisy.\n",
+        "## Comparison with the class study\n",
+        f"In short, {CLASS_STUDY}. What these runs show:\n",
+        "\n".join(comparisons) if comparisons else "- (no comparison recorded)",
+        "\nScale matters: these are CPU runs on subsets with small ResNets; the `full` parameter set repeats them at "
+        "the class study's scale on GPUs.\n"]
+    path = out / "REPORT.md"
+    text = "\n".join(head + sections)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _machine() -> str:
+    import torch
+    from .distributed import cpu_cores, visible_gpus
+    gpus = visible_gpus()
+    device = f"{gpus} GPU(s)" if gpus else "no GPU"
+    return f"{cpu_cores()} CPU cores, {device}, Python {platform.python_version()}, torch {torch.__version__}"
