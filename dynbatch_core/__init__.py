@@ -16,9 +16,9 @@ from .sampler import DynamicBatchSampler
 from .lr import scaled_lr
 from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .step import GradientSync, train_step, uneven_batch_loss
-from .train import run
+from .launch import RunFailed, run
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
            "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
-           "GradientSync", "train_step", "uneven_batch_loss", "run"]
+           "GradientSync", "train_step", "uneven_batch_loss", "run", "RunFailed"]

@@ -90,19 +90,37 @@ class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {default})"
 
 
+def _explicit_flags(argv: list[str] | None) -> dict:
+    """The flags the user actually typed (a resumed run takes every other value from its own config.json)."""
+    parser = _OneLineErrorParser(add_help=False)
+    add_config_flags(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    known, _ = parser.parse_known_args((argv if argv is not None else sys.argv[1:])[1:])
+    return vars(known)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "command"}
-    config = RunConfig(**values)
+    from .config import stored_config
     from .distributed import launched_by_torchrun
-    from .train import run, train_under_torchrun
+    from .launch import RunFailed, run, train_under_torchrun
     try:
+        if args.resume is not None:
+            config = dataclasses.replace(stored_config(args.resume), **_explicit_flags(argv))
+        else:
+            config = RunConfig(**{k: v for k, v in vars(args).items() if k != "command"})
         if launched_by_torchrun():
             train_under_torchrun(config)
         else:
-            result = run(config)
-            print(result.run_dir)
+            print(run(config).run_dir)
     except ValueError as error:
         print(f"python -m dynbatch_core train: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as error:
+        print(f"python -m dynbatch_core train: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("python -m dynbatch_core train: interrupted; every rank stopped", file=sys.stderr)
+        return 130
     return 0

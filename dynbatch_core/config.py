@@ -9,6 +9,7 @@ field's `help` is the flag's documentation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class RunConfig:
     max_change: float = _opt(0.25, "pid: largest change of one rank's batch per update, as a fraction of B/n")
     slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
     slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")
+    emulated_sample_ms: float | None = _opt(None, "emulate compute: a 1x rank takes exactly this many ms per "
+                                                   "sample (times its slowdown); makes balancer decisions "
+                                                   "independent of timing noise")
     optimizer: str = _opt("sgd", "sgd or adam")
     lr: float = _opt(0.05, "learning rate at the initial batch size")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -83,6 +87,10 @@ class RunConfig:
     # outputs
     out: str | None = _opt(None, "run folder for steps.csv, epochs.csv, config.json, model.pt "
                                  "(default: a new folder under runs/)")
+    checkpoint_every: int = _opt(0, "also checkpoint every N global steps (0: only at the end of each epoch)")
+    checkpoints: bool = _opt(True, "write checkpoints into the run folder (needed for --resume)")
+    resume: str | None = _opt(None, "continue the run in this folder from its latest checkpoint (other flags "
+                                    "default to that run's values)")
     overwrite: bool = _opt(False, "allow writing into an existing, non-empty run folder")
     progress: bool = _opt(True, "show a progress bar on rank 0")
 
@@ -152,6 +160,47 @@ def balancer_options(config: RunConfig) -> dict:
             **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
 
 
+# Fields a resumed run may change: they do not alter the computation of the steps already taken.
+RESUME_MAY_CHANGE = {"epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
+                     "overwrite", "resume", "data_dir", "download", "device"}
+
+
+def stored_config(run_dir: str | Path) -> RunConfig:
+    """The configuration a run folder was started with (its config.json)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume {run_dir}: no config.json there (not a dynbatch run folder)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--resume {run_dir}: config.json is corrupt ({error})") from None
+    values.pop("resolved", None)
+    return RunConfig.from_dict(values)
+
+
+def check_resume(config: RunConfig) -> None:
+    """--resume must name a run folder with a checkpoint, written by the same world size and computation."""
+    from .checkpoint import latest_checkpoint
+    run_dir = Path(config.resume)
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {config.resume}: no such run folder")
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ValueError(f"--resume {config.resume}: the run folder holds no checkpoint to resume from")
+    stored = stored_config(run_dir)
+    if found[1]["world_size"] != config.world_size:
+        raise ValueError(f"--resume {config.resume}: its checkpoint was written by {found[1]['world_size']} ranks, "
+                         f"this run has --world-size {config.world_size}; resume with the same world size")
+    for field in dataclasses.fields(RunConfig):
+        if field.name in RESUME_MAY_CHANGE:
+            continue
+        before, now = getattr(stored, field.name), getattr(config, field.name)
+        if before != now:
+            raise ValueError(f"--resume {config.resume}: --{field.name.replace('_', '-')} was {before!r} in that "
+                             f"run, now {now!r}; a resumed run may only change "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
+
+
 def validate_config(config: RunConfig) -> str:
     """Raise ValueError (one line: what is wrong, what is allowed) or return a line saying where the data comes from.
 
@@ -182,6 +231,10 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--seed must be >= 0, got {config.seed}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:
+        raise ValueError(f"--emulated-sample-ms must be > 0, got {config.emulated_sample_ms}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
     for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
@@ -223,5 +276,8 @@ def validate_config(config: RunConfig) -> str:
     check_device(config.device, config.world_size, sync_bn=config.sync_bn)
     data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
                                        test_samples=config.test_samples, download=config.download)
-    _check_writable(config.out)
+    if config.resume is not None:
+        check_resume(config)
+    else:
+        _check_writable(config.out)
     return data_source

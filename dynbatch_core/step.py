@@ -96,8 +96,13 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
-               slowdown: float = 1.0) -> StepResult:
-    """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step."""
+               slowdown: float = 1.0, emulated_sample_s: float | None = None) -> StepResult:
+    """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
+
+    `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
+    rank instead takes exactly b * emulated_sample_s * k seconds (it sleeps whatever its real compute left over)
+    and reports that time: balancer decisions then no longer depend on timing noise (reproducible experiments).
+    """
     world_size = sync.world_size
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
@@ -110,7 +115,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     elif images.is_cuda:
         torch.cuda.synchronize(images.device)
     compute_s = time.perf_counter() - started
-    if slowdown > 1.0:
+    if emulated_sample_s is not None:
+        target_s = len(labels) * emulated_sample_s * slowdown
+        time.sleep(max(0.0, target_s - compute_s))
+        compute_s = target_s
+    elif slowdown > 1.0:
         # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
         time.sleep((slowdown - 1.0) * compute_s)
         compute_s *= slowdown

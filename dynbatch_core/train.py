@@ -1,82 +1,40 @@
-"""Training: `run(config)` spawns one process per rank; each runs `train_worker`, the epoch loop.
+"""The per-rank training loop: `train_worker` joins the process group and runs `RankTrainer.fit()`.
 
-    from dynbatch_core import RunConfig, run
-    result = run(RunConfig(dataset="mnist", model="resnet20", world_size=2, epochs=2, train_samples=8192))
-    result.epochs[["epoch", "global_batch", "test_acc", "wall_s"]]
-
-Under torchrun (`torchrun --nproc-per-node 2 -m dynbatch_core train ...`) the CLI calls `train_under_torchrun`,
-which runs the same `train_worker` with the env:// rendezvous.
-
-Each step: the schedule's global batch B (decided at epoch boundaries), the balancer's split of B over ranks, the
-sampler's slice of the epoch's global order for this rank, then step.train_step (exact on uneven slices). Only rank 0
-writes files; the tables are gathered to it at the end of every epoch.
+Started by launch.run() (spawn) or launch.train_under_torchrun(); not called directly. Each step:
+  1. the schedule's global batch B (decided at epoch boundaries from the epoch summaries),
+  2. the balancer's split of B over ranks (decided every step from all ranks' measured compute times),
+  3. this rank's slice of the epoch's global sample order (sampler.py),
+  4. step.train_step: forward/backward on the slice, loss scaled by 1/B, gradients summed over ranks.
+Only rank 0 writes files; per-rank step rows are gathered to it at the end of every epoch. Checkpoints (every
+--checkpoint-every steps and at every epoch end) hold everything that makes a resumed run continue bit-exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from .balancers import build_balancer
-from .config import RunConfig, balancer_options, schedule_options, validate_config
+from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .config import RunConfig, balancer_options, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
-from .distributed import (init_process_group, launched_by_torchrun, resolve_device, threads_per_rank,
-                          torchrun_identity, free_port)
+from .distributed import init_process_group, threads_per_rank
 from .hetero import SlowdownPlan
-from .metrics import EPOCH_COLUMNS, STEP_COLUMNS, RunResult, read_run, write_atomic, write_json, write_table
-from .models import build_model
-from .rundir import git_commit, prepare_run_dir
-from .sampler import DynamicBatchSampler
 from .lr import decay_factor, scaled_lr, warmup_lr
+from .metrics import EPOCH_COLUMNS, STEP_COLUMNS, write_atomic, write_table
+from .models import build_model
+from .rundir import git_commit
+from .sampler import DynamicBatchSampler
 from .schedules import EpochSummary, build_schedule
 from .step import GradientSync, train_step
-
-
-def run(config: RunConfig) -> RunResult:
-    """Validate, create the run folder, spawn `world_size` ranks, and return their metrics tables."""
-    data_source = validate_config(config)
-    device_kind = resolve_device(config.device, config.world_size)
-    run_dir = prepare_run_dir(config.out, overwrite=config.overwrite, label=_run_label(config))
-    log(f"data: {data_source}")
-    log(f"{config.world_size} rank(s) on {_device_line(device_kind, config.device, config.world_size)}; "
-        f"run folder {run_dir}")
-    _write_config(run_dir, config, device_kind)
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    mp.spawn(_spawned_worker, args=(config, str(run_dir), init_method, device_kind), nprocs=config.world_size,
-             join=True)
-    return read_run(run_dir)
-
-
-def train_under_torchrun(config: RunConfig) -> Path:
-    """Entry point for a process started by torchrun; every process of the job calls it."""
-    rank, world_size, local_rank, local_world_size = torchrun_identity()
-    config = dataclasses.replace(config, world_size=world_size)
-    data_source = validate_config(config)
-    device_kind = resolve_device(config.device, local_world_size)
-    out = config.out or str(Path("runs") / f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
-    run_dir = Path(out).expanduser().resolve()
-    if rank == 0:
-        run_dir = prepare_run_dir(out, overwrite=config.overwrite, label=_run_label(config))
-        log(f"data: {data_source}")
-        log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size)}; "
-            f"run folder {run_dir}")
-        _write_config(run_dir, config, device_kind)
-    train_worker(config, rank=rank, local_rank=local_rank, local_world_size=local_world_size, run_dir=run_dir,
-                 init_method="env://", device_kind=device_kind)
-    return run_dir
-
-
-def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str) -> None:
-    train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
-                 init_method=init_method, device_kind=device_kind)
 
 
 def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_size: int, run_dir: Path,
@@ -87,106 +45,187 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)
     try:
         device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-        _train(config, rank=rank, device=device, run_dir=run_dir)
+        trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir))
+        if config.resume is not None:
+            trainer.resume()
+        trainer.fit()
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _train(config: RunConfig, *, rank: int, device: torch.device, run_dir: Path) -> None:
-    world_size = config.world_size
-    train_set, test_set, _ = load_datasets(config.dataset, data_dir=config.data_dir, download=config.download,
-                                           train_samples=config.train_samples, test_samples=config.test_samples,
-                                           augment=config.augment, seed=config.seed)
-    torch.manual_seed(config.seed)
-    spec = train_set.spec
-    model = build_model(config.model, in_channels=spec.in_channels, num_classes=spec.num_classes, norm=config.norm)
-    if config.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    for tensor in model.state_dict().values():
-        dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
-    optimizer = _build_optimizer(config, model)
-    schedule = build_schedule(config.schedule, **schedule_options(config))
-    balancer = build_balancer(config.balancer_name, world_size, **balancer_options(config))
-    slowdown = SlowdownPlan.from_options(world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
-    sampler = DynamicBatchSampler(len(train_set), rank=rank, world_size=world_size, seed=config.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch)
-    sync = GradientSync(model.parameters(), world_size=world_size)
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved in checkpoints. Counters are global (all ranks' samples)."""
+    epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    training_s: float = 0.0            # finished epochs' training seconds (evaluation excluded)
+    previous_target_lr: float = 0.0    # the last epoch's undecayed LR, the start of a warm-up ramp
+    epoch_loss_sum: float = 0.0        # the current epoch so far ...
+    epoch_samples: int = 0
+    epoch_steps: int = 0
+    epoch_elapsed_s: float = 0.0
 
-    history: list[EpochSummary] = []
-    step_rows: list[dict] = []
-    epoch_rows: list[dict] = []
-    global_step = 0
-    samples_seen = 0
-    total_samples = config.epochs * len(train_set)
-    training_s = 0.0
-    lr = previous_lr = config.lr
-    for epoch in range(config.epochs):
-        decision = schedule.decide(epoch, history)
+
+class RankTrainer:
+    def __init__(self, config: RunConfig, *, rank: int, device: torch.device, run_dir: Path):
+        self.config, self.rank, self.device, self.run_dir = config, rank, device, run_dir
+        self.world_size = config.world_size
+        self.train_set, self.test_set, _ = load_datasets(
+            config.dataset, data_dir=config.data_dir, download=config.download, train_samples=config.train_samples,
+            test_samples=config.test_samples, augment=config.augment, seed=config.seed)
+        torch.manual_seed(config.seed)
+        spec = self.train_set.spec
+        model = build_model(config.model, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                            norm=config.norm)
+        if config.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(device)
+        for tensor in self.model.state_dict().values():
+            dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
+        self.optimizer = _build_optimizer(config, self.model)
+        self.schedule = build_schedule(config.schedule, **schedule_options(config))
+        self.balancer = build_balancer(config.balancer_name, self.world_size, **balancer_options(config))
+        self.slowdown = SlowdownPlan.from_options(self.world_size, slowdown=config.slowdown,
+                                                  trace=config.slowdown_trace)
+        self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
+                                           seed=config.seed)
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=collate_batch)
+        self.sync = GradientSync(self.model.parameters(), world_size=self.world_size)
+        self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
+        self.fault = _InjectedFault.from_env()
+        self.progress = Progress(previous_target_lr=config.lr)
+        self.history: list[EpochSummary] = []
+        self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
+        self.epoch_rows: list[dict] = []   # rank 0
+        self.my_rows: list[dict] = []      # this rank's rows of the current epoch
+
+    def steps_left(self) -> bool:
+        return self.config.max_steps is None or self.progress.global_step < self.config.max_steps
+
+    def fit(self) -> None:
+        while self.progress.epoch < self.config.epochs and self.steps_left():
+            self.train_epoch()
+        if self.rank == 0:
+            state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+            write_atomic(self.run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+
+    def train_epoch(self) -> None:
+        config, progress, epoch = self.config, self.progress, self.progress.epoch
+        decision = self.schedule.decide(epoch, self.history)
         target_lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) \
             * decision.lr_factor
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        bar = progress_bar(total=math.ceil(len(train_set) / decision.global_batch),
+        total_samples = config.epochs * len(self.train_set)
+        self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
+        self.train_set.set_epoch(epoch)
+        bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
                            description=f"epoch {epoch + 1}/{config.epochs} B={decision.global_batch}",
-                           enabled=config.progress and rank == 0)
-        epoch_started = time.perf_counter()
-        epoch_loss_sum, epoch_samples, epoch_steps = 0.0, 0, 0
-        my_rows = []
-        batches = iter(loader)
-        while config.max_steps is None or global_step < config.max_steps:
-            sampler.set_rank_batches(balancer.split(decision.global_batch))
+                           enabled=config.progress and self.rank == 0)
+        bar.update(progress.epoch_steps)
+        segment_started = time.perf_counter()
+        batches = iter(self.loader)
+        while self.steps_left():
+            self.sampler.set_rank_batches(self.balancer.split(decision.global_batch))
             try:
                 images, labels = next(batches)
             except StopIteration:
                 break
-            step_batches = sampler.last_rank_batches
-            lr = warmup_lr(previous_lr, target_lr, epoch_steps, config.warmup_steps) \
-                * decay_factor(config.lr_decay, samples_seen, total_samples)
-            for group in optimizer.param_groups:
+            self.fault.maybe_fire(self.rank, progress.global_step)
+            lr = warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
+                * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            result = train_step(model, optimizer, images.to(device, non_blocking=True),
-                                labels.to(device, non_blocking=True), global_batch=sum(step_batches), rank=rank,
-                                sync=sync, slowdown=slowdown.factor(rank, global_step))
-            balancer.observe(result.compute_s, result.rank_batches)
-            my_rows.append({"epoch": epoch, "step": global_step, "rank": rank,
-                            "batch_size": result.rank_batches[rank], "global_batch": result.global_batch,
-                            "compute_s": result.compute_s[rank], "wait_s": result.wait_s,
-                            "loss": result.loss_sums[rank] / max(1, result.rank_batches[rank]), "lr": lr})
-            epoch_loss_sum += sum(result.loss_sums)
-            epoch_samples += result.global_batch
-            samples_seen += result.global_batch
-            epoch_steps += 1
-            global_step += 1
+            result = train_step(self.model, self.optimizer, images.to(self.device), labels.to(self.device),
+                                global_batch=sum(self.sampler.last_rank_batches), rank=self.rank, sync=self.sync,
+                                slowdown=self.slowdown.factor(self.rank, progress.global_step),
+                                emulated_sample_s=self.emulated_sample_s)
+            self.balancer.observe(result.compute_s, result.rank_batches)
+            self.my_rows.append({
+                "epoch": epoch, "step": progress.global_step, "rank": self.rank,
+                "batch_size": result.rank_batches[self.rank], "global_batch": result.global_batch,
+                "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
+                "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr})
+            progress.epoch_loss_sum += sum(result.loss_sums)
+            progress.epoch_samples += result.global_batch
+            progress.samples_seen += result.global_batch
+            progress.epoch_steps += 1
+            progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
+            if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
+                    and self.sampler.remaining > 0:
+                progress.epoch_elapsed_s += time.perf_counter() - segment_started
+                self.save_checkpoint()
+                segment_started = time.perf_counter()
         bar.close()
-        epoch_s = time.perf_counter() - epoch_started
-        previous_lr = target_lr  # warm-up ramps between undecayed targets
-        training_s += epoch_s
-        balancer.end_epoch()
-        test_loss, test_acc = evaluate(model, test_set, rank=rank, world_size=world_size, device=device)
-        train_loss = epoch_loss_sum / max(1, epoch_samples)
-        history.append(EpochSummary(epoch, decision.global_batch, train_loss, epoch_s))
-        gathered = [None] * world_size if rank == 0 else None
-        dist.gather_object(my_rows, gathered, dst=0)
-        if rank == 0:
-            step_rows.extend(sorted((row for rows in gathered for row in rows), key=lambda r: (r["step"], r["rank"])))
-            epoch_rows.append({"epoch": epoch, "global_batch": decision.global_batch, "steps": epoch_steps,
-                               "samples": epoch_samples, "train_loss": train_loss, "test_loss": test_loss,
-                               "test_acc": test_acc, "epoch_s": epoch_s, "wall_s": training_s,
-                               "samples_per_s": epoch_samples / epoch_s if epoch_s > 0 else float("nan")})
-            write_table(run_dir / "steps.csv", step_rows, STEP_COLUMNS)
-            write_table(run_dir / "epochs.csv", epoch_rows, EPOCH_COLUMNS)
-            log(f"epoch {epoch + 1}/{config.epochs}: B={decision.global_batch} steps={epoch_steps} "
+        progress.epoch_elapsed_s += time.perf_counter() - segment_started
+        if self.sampler.remaining > 0 and not self.steps_left():
+            self.finish_epoch(decision.global_batch, target_lr, complete=False)
+        else:
+            self.finish_epoch(decision.global_batch, target_lr, complete=True)
+
+    def finish_epoch(self, global_batch: int, target_lr: float, *, complete: bool) -> None:
+        """Evaluate, gather and write the tables; a complete epoch also moves the run on and checkpoints."""
+        config, progress = self.config, self.progress
+        self.balancer.end_epoch()
+        test_loss, test_acc = evaluate(self.model, self.test_set, rank=self.rank, world_size=self.world_size,
+                                       device=self.device)
+        train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
+        epoch_s = progress.epoch_elapsed_s
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(self.my_rows, gathered, dst=0)
+        if self.rank == 0:
+            self.step_rows.extend(sorted((row for rows in gathered for row in rows),
+                                         key=lambda row: (row["step"], row["rank"])))
+            self.epoch_rows.append({
+                "epoch": progress.epoch, "global_batch": global_batch, "steps": progress.epoch_steps,
+                "samples": progress.epoch_samples, "train_loss": train_loss, "test_loss": test_loss,
+                "test_acc": test_acc, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
+                "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan")})
+            write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
+            write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
+            log(f"epoch {progress.epoch + 1}/{config.epochs}: B={global_batch} steps={progress.epoch_steps} "
                 f"train_loss={train_loss:.4f} test_loss={test_loss:.4f} test_acc={test_acc:.4f} "
-                f"{epoch_samples / epoch_s:.0f} samples/s")
-        if config.max_steps is not None and global_step >= config.max_steps:
-            break
-    if rank == 0:
-        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-        write_atomic(run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+                f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s")
+        if not complete:  # stopped by --max-steps inside the epoch; the last periodic checkpoint stays the latest
+            return
+        self.history.append(EpochSummary(progress.epoch, global_batch, train_loss, epoch_s))
+        self.my_rows = []
+        self.progress = Progress(epoch=progress.epoch + 1, global_step=progress.global_step,
+                                 samples_seen=progress.samples_seen, training_s=progress.training_s + epoch_s,
+                                 previous_target_lr=target_lr)
+        if config.checkpoints:
+            self.save_checkpoint()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "balancer": self.balancer.state_dict(),
+                "sampler": self.sampler.state_dict(), "progress": dataclasses.asdict(self.progress),
+                "history": [dataclasses.asdict(summary) for summary in self.history],
+                "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "my_rows": self.my_rows,
+                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": git_commit()}
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, rank=self.rank, world_size=self.world_size,
+                        step=self.progress.global_step, payload=self.state_dict())
+
+    def resume(self) -> None:
+        folder, meta = latest_checkpoint(self.run_dir)
+        state = load_checkpoint(folder / f"rank{self.rank}.pt")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks, not {self.world_size}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.progress = Progress(**state["progress"])
+        self.history = [EpochSummary(**summary) for summary in state["history"]]
+        self.step_rows, self.epoch_rows, self.my_rows = state["step_rows"], state["epoch_rows"], state["my_rows"]
+        restore_rng(state["rng"])
+        if self.rank == 0:
+            log(f"resumed from {folder} (step {meta['step']}, epoch {self.progress.epoch + 1})")
 
 
 @torch.no_grad()
@@ -221,17 +260,27 @@ def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.O
                            weight_decay=config.weight_decay)
 
 
-def _run_label(config: RunConfig) -> str:
-    return f"{config.dataset}-{config.model}-ws{config.world_size}-{config.schedule}-{config.balancer_name}"
+@dataclasses.dataclass(frozen=True)
+class _InjectedFault:
+    """Failure injection for the reliability tests: DYNBATCH_FAULT="raise:RANK:STEP" or "kill:RANK:STEP".
 
+    Fires just before global step STEP on rank RANK, in the first attempt only (torchrun restarts are clean).
+    """
+    kind: str | None = None
+    rank: int = -1
+    step: int = -1
 
-def _device_line(device_kind: str, asked: str, ranks_here: int) -> str:
-    if device_kind == "cuda":
-        return f"CUDA (NCCL, one GPU per rank)"
-    reason = " (fewer GPUs visible than ranks)" if asked == "auto" and torch.cuda.is_available() else ""
-    return f"CPU (gloo){reason}, {threads_per_rank(ranks_here)} thread(s) per rank"
+    @classmethod
+    def from_env(cls) -> "_InjectedFault":
+        spec = os.environ.get("DYNBATCH_FAULT")
+        if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            return cls()
+        kind, rank, step = spec.split(":")
+        return cls(kind, int(rank), int(step))
 
-
-def _write_config(run_dir: Path, config: RunConfig, device_kind: str) -> None:
-    write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {
-        "balancer": config.balancer_name, "device": device_kind, "git_commit": git_commit()}})
+    def maybe_fire(self, rank: int, step: int) -> None:
+        if self.kind is None or (rank, step) != (self.rank, self.step):
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")

@@ -1,0 +1,150 @@
+"""Starting ranks: `run(config)` spawns them from Python (CLI, notebooks); `train_under_torchrun` joins torchrun's.
+
+    from dynbatch_core import RunConfig, run
+    result = run(RunConfig(dataset="mnist", world_size=2, epochs=2, train_samples=8192))   # RunResult
+    run(RunConfig(..., resume="runs/20261125-...-mnist-resnet20"))                          # continue a run
+
+A run either finishes or fails as a whole: when any rank raises or dies, run() stops the others at once and raises
+RunFailed naming the rank and its traceback; Ctrl-C (or Jupyter's "interrupt kernel") stops every rank; collectives
+give up after --timeout-s. Ranks also die with the parent process, so a killed kernel leaves no orphans.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+from .config import RunConfig, validate_config
+from .console import log
+from .distributed import free_port, resolve_device, threads_per_rank, torchrun_identity
+from .metrics import RunResult, read_run, write_json
+from .rundir import git_commit, prepare_run_dir
+from .train import train_worker
+
+
+class RunFailed(RuntimeError):
+    """A rank raised or died; the message names it and carries its traceback."""
+
+    def __init__(self, rank: int, message: str, run_dir: Path):
+        super().__init__(f"rank {rank} failed (run folder {run_dir}): {message}")
+        self.rank = rank
+        self.run_dir = run_dir
+
+
+def run(config: RunConfig) -> RunResult:
+    """Validate, create (or reopen, with resume) the run folder, spawn `world_size` ranks, return their tables."""
+    data_source = validate_config(config)
+    device_kind = resolve_device(config.device, config.world_size)
+    run_dir = _open_run_dir(config, device_kind)
+    log(f"data: {data_source}")
+    log(f"{config.world_size} rank(s) on {_device_line(device_kind, config.device, config.world_size)}; "
+        f"run folder {run_dir}" + (" (resuming)" if config.resume else ""))
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), init_method, device_kind),
+                                 nprocs=config.world_size, join=False, start_method="spawn")
+    try:
+        while not context.join(timeout=1.0):
+            pass
+    except mp.ProcessRaisedException as error:
+        raise RunFailed(error.error_index, _traceback_of(error), run_dir) from None
+    except mp.ProcessExitedException as error:
+        how = (f"killed by {signal.Signals(-error.exit_code).name}" if error.exit_code < 0
+               else f"exited with code {error.exit_code}")
+        raise RunFailed(error.error_index, how, run_dir) from None
+    finally:  # also on KeyboardInterrupt: no rank outlives run()
+        _stop(context.processes)
+    return read_run(run_dir)
+
+
+def train_under_torchrun(config: RunConfig) -> Path:
+    """Entry point for a process started by torchrun; every process of the job calls it.
+
+    After torchrun restarts the group (--max-restarts), the run continues from its latest checkpoint.
+    """
+    rank, world_size, local_rank, local_world_size = torchrun_identity()
+    config = dataclasses.replace(config, world_size=world_size)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if config.out is None:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if run_id in ("", "none"):
+            raise ValueError("under torchrun without --standalone or --rdzv-id, pass --out (every node must name "
+                             "the same run folder)")
+        config = dataclasses.replace(config, out=str(Path("runs") / f"torchrun-{run_id}"))
+    if restarted:  # torchrun restarted the group after a failure: continue from the run's latest checkpoint
+        config = dataclasses.replace(config, resume=config.out) if _has_checkpoint(config.out) \
+            else dataclasses.replace(config, overwrite=True)
+    data_source = validate_config(config)
+    device_kind = resolve_device(config.device, local_world_size)
+    run_dir = Path(config.resume or config.out).expanduser().resolve()
+    if rank == 0:
+        run_dir = _open_run_dir(config, device_kind)
+        log(f"data: {data_source}")
+        log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size)}; "
+            f"run folder {run_dir}" + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']})" if restarted else ""))
+    train_worker(config, rank=rank, local_rank=local_rank, local_world_size=local_world_size, run_dir=run_dir,
+                 init_method="env://", device_kind=device_kind)
+    return run_dir
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    from .checkpoint import latest_checkpoint
+    return Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None
+
+
+def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
+    _die_with_parent()
+    train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
+                 init_method=init_method, device_kind=device_kind)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies (a killed notebook kernel must not leave ranks behind)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _stop(processes, grace_s: float = 5.0) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _traceback_of(error: mp.ProcessRaisedException) -> str:
+    text = str(error).split("terminated with the following error:", 1)[-1].strip()
+    last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+    return f"{last}\n{text}"
+
+
+def _open_run_dir(config: RunConfig, device_kind: str) -> Path:
+    if config.resume is not None:
+        return Path(config.resume).expanduser().resolve()
+    run_dir = prepare_run_dir(config.out, overwrite=config.overwrite, label=_run_label(config))
+    write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {
+        "balancer": config.balancer_name, "device": device_kind, "git_commit": git_commit()}})
+    return run_dir
+
+
+def _run_label(config: RunConfig) -> str:
+    return f"{config.dataset}-{config.model}-ws{config.world_size}-{config.schedule}-{config.balancer_name}"
+
+
+def _device_line(device_kind: str, asked: str, ranks_here: int) -> str:
+    if device_kind == "cuda":
+        return "CUDA (NCCL, one GPU per rank)"
+    import torch
+    reason = " (fewer GPUs visible than ranks)" if asked == "auto" and torch.cuda.is_available() else ""
+    return f"CPU (gloo){reason}, {threads_per_rank(ranks_here)} thread(s) per rank"
