@@ -36,6 +36,7 @@ class RunConfig:
     # processes
     world_size: int = _opt(2, "number of ranks (processes)")
     device: str = _opt("auto", "auto (CUDA with one GPU per rank when enough are visible, else CPU), cpu or cuda")
+    threads: int | None = _opt(None, "CPU threads per rank (default: this machine's cores // its ranks, at least 1)")
     timeout_s: float = _opt(300.0, "seconds a collective may block before the run fails")
     # optimisation
     epochs: int = _opt(2, "training epochs")
@@ -161,7 +162,7 @@ def balancer_options(config: RunConfig) -> dict:
 
 
 # Fields a resumed run may change: they do not alter the computation of the steps already taken.
-RESUME_MAY_CHANGE = {"epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
+RESUME_MAY_CHANGE = {"threads", "epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
                      "overwrite", "resume", "data_dir", "download", "device"}
 
 
@@ -231,6 +232,8 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--seed must be >= 0, got {config.seed}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {config.threads}")
     if config.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:

@@ -12,6 +12,7 @@ import socket
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 
 def visible_gpus() -> int:
@@ -69,5 +70,13 @@ def torchrun_identity() -> tuple[int, int, int, int]:
 
 def init_process_group(device_kind: str, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
     backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if init_method != "env://":
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        return
+    # Under torchrun the rendezvous store outlives a restart of the group; without a per-attempt namespace the
+    # new ranks would read the dead ranks' addresses and fail to connect.
+    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dynbatch/attempt-{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)

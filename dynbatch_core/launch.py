@@ -42,7 +42,7 @@ def run(config: RunConfig) -> RunResult:
     device_kind = resolve_device(config.device, config.world_size)
     run_dir = _open_run_dir(config, device_kind)
     log(f"data: {data_source}")
-    log(f"{config.world_size} rank(s) on {_device_line(device_kind, config.device, config.world_size)}; "
+    log(f"{config.world_size} rank(s) on {_device_line(device_kind, config.device, config.world_size, config.threads)}; "
         f"run folder {run_dir}" + (" (resuming)" if config.resume else ""))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), init_method, device_kind),
@@ -84,7 +84,7 @@ def train_under_torchrun(config: RunConfig) -> Path:
     if rank == 0:
         run_dir = _open_run_dir(config, device_kind)
         log(f"data: {data_source}")
-        log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size)}; "
+        log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size, config.threads)}; "
             f"run folder {run_dir}" + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']})" if restarted else ""))
     train_worker(config, rank=rank, local_rank=local_rank, local_world_size=local_world_size, run_dir=run_dir,
                  init_method="env://", device_kind=device_kind)
@@ -142,9 +142,9 @@ def _run_label(config: RunConfig) -> str:
     return f"{config.dataset}-{config.model}-ws{config.world_size}-{config.schedule}-{config.balancer_name}"
 
 
-def _device_line(device_kind: str, asked: str, ranks_here: int) -> str:
+def _device_line(device_kind: str, asked: str, ranks_here: int, threads: int | None) -> str:
     if device_kind == "cuda":
         return "CUDA (NCCL, one GPU per rank)"
     import torch
     reason = " (fewer GPUs visible than ranks)" if asked == "auto" and torch.cuda.is_available() else ""
-    return f"CPU (gloo){reason}, {threads_per_rank(ranks_here)} thread(s) per rank"
+    return f"CPU (gloo){reason}, {threads or threads_per_rank(ranks_here)} thread(s) per rank"

@@ -94,7 +94,9 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
             if show_batch:
                 for x, y, batch in zip(part["wall_s"], part["test_acc"], part["global_batch"]):
                     ax.annotate(f"B={batch}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
-                                fontsize="x-small", color=colours[run])
+                                fontsize="x-small", color=colours[run],
+                                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                      "alpha": 0.8})
                 # the batch holds from the start of its epoch (previous wall_s) to its end
                 starts = [0.0] + list(part["wall_s"])
                 ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],

@@ -166,7 +166,7 @@ def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[li
     if outcome["chosen_batch"] is None:
         return findings, []
     step = (f"from {outcome['acc_before']:.3f} to {outcome['acc_after']:.3f} "
-            f"({-outcome['dip_points']:+.1f} points)")
+            f"({0.0 - outcome['dip_points']:+.1f} points)")
     if outcome["dropped"]:
         dipped = outcome["dip_points"] >= DIP_POINTS
         findings.append(f"When the batch dropped from {int(probe_part['global_batch'].iloc[-1])} back to "
@@ -227,10 +227,17 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
                     f"{reason}.")
     by_batch = epochs.groupby("global_batch")["samples_per_s"].median()
     if len(by_batch) > 1:
-        findings.append(f"Throughput depends on the batch here: median {by_batch.iloc[0]:.0f} samples/s at "
-                        f"B = {by_batch.index[0]} vs {by_batch.iloc[-1]:.0f} at B = {by_batch.index[-1]}; "
-                        "a schedule that spends its early, fast-falling-loss epochs at large batches gains time "
-                        "there, one that starts small pays for it.")
+        small, large = by_batch.iloc[0], by_batch.iloc[-1]
+        throughput = (f"median {small:.0f} samples/s at B = {by_batch.index[0]} vs {large:.0f} at "
+                      f"B = {by_batch.index[-1]}")
+        if large > 1.2 * small:
+            findings.append(f"Large batches are faster per sample here ({throughput}): a schedule that spends its "
+                            "early epochs, where the loss falls fastest, at large batches gains time there; one "
+                            "that starts small pays for it, unless its extra updates per sample make up for it.")
+        else:
+            findings.append(f"Large batches are hardly faster per sample here ({throughput}), so the schedules "
+                            "differ mainly in how much the loss falls per sample, where smaller batches (more "
+                            "updates) tend to win early in training.")
     two_fastest = list(reach["run"].iloc[:2])
     agree = set(two_fastest) == set(expected_fastest)
     comparison = [f"{'As in' if agree else 'Unlike'} the class study (4 GPUs: {_names(expected_fastest)} fastest), "
@@ -238,19 +245,24 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
     return findings, comparison, target
 
 
+def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
+    """Per run: the per-rank batches of the last step of the last epoch that held the full global batch."""
+    splits = {}
+    for run, part in steps.groupby("run", sort=False):
+        part = part[part["epoch"] == part["epoch"].max()]
+        full = part[part["global_batch"] == part["global_batch"].max()]
+        last_step = full[full["step"] == full["step"].max()].sort_values("rank")
+        splits[run] = [int(b) for b in last_step["batch_size"]]
+    return splits
+
+
 def describe_balancing(steps: pd.DataFrame, epochs: pd.DataFrame, speedups: pd.DataFrame,
                        slowdown: Sequence[float]) -> dict[str, list[str]]:
     """Sentences for the heterogeneous notebook's four figures, keyed like its figures."""
     from .plots import balance_efficiency, throughput_ceiling
-    runs = list(dict.fromkeys(steps["run"]))
     speeds = [1.0 / k for k in slowdown]
     ideal = [round(s / sum(speeds), 2) for s in speeds]
-    splits = []
-    for run in runs:
-        part = steps[(steps["run"] == run) & (steps["epoch"] == steps.loc[steps["run"] == run, "epoch"].max())]
-        full = part[part["global_batch"] == part["global_batch"].max()]
-        last_step = full[full["step"] == full["step"].max()].sort_values("rank")
-        splits.append(f"{run} [{', '.join(str(int(b)) for b in last_step['batch_size'])}]")
+    splits = [f"{run} {split}" for run, split in last_full_split(steps).items()]
     efficiency = balance_efficiency(steps)
     last_epoch = efficiency[efficiency["epoch"] == efficiency.groupby("run")["epoch"].transform("max")]
     mean_eff = last_epoch.groupby("run", sort=False)["efficiency"].mean()
@@ -303,11 +315,16 @@ def load_parameters(repo: Path, notebook: str, parameter_set: str) -> dict:
     return values
 
 
-def execute_notebook(repo: Path, notebook: str, parameter_set: str, out: Path, kernel: str = "python3") -> float:
-    """Run one notebook with papermill (cwd = repo root) into <out>/notebooks; returns its seconds."""
+def execute_notebook(repo: Path, notebook: str, parameter_set: str, out: Path, kernel: str = "python3",
+                     parameters: Mapping | None = None) -> float:
+    """Run one notebook with papermill (cwd = repo root) into <out>/notebooks, figures into <out>/figures;
+    `parameters` go on top of the set's. Returns its seconds."""
     import nbformat
     import papermill
-    parameters = {**load_parameters(repo, notebook, parameter_set), "output_dir": str(out / "figures")}
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    parameters = {**load_parameters(repo, notebook, parameter_set), **dict(parameters or {}),
+                  "output_dir": str(out / "figures")}
     target = out / "notebooks" / f"{notebook}.ipynb"
     started = time.perf_counter()
     try:

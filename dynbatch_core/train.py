@@ -39,7 +39,7 @@ from .step import GradientSync, train_step
 
 def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_size: int, run_dir: Path,
                  init_method: str, device_kind: str) -> None:
-    torch.set_num_threads(threads_per_rank(local_world_size))
+    torch.set_num_threads(config.threads or threads_per_rank(local_world_size))
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)

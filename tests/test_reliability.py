@@ -1,0 +1,126 @@
+"""Runs finish or fail as a whole, fast and clean; checkpoints resume bit-exactly; outputs are never half-written."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from dynbatch_core import RunConfig, RunFailed, run
+from dynbatch_core.checkpoint import latest_checkpoint
+from dynbatch_core.metrics import write_atomic
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path, name, **overrides):
+    values = dict(dataset="synthetic", model="resnet8", world_size=2, epochs=2, train_samples=512, test_samples=64,
+                  batch_size=32, progress=False, out=str(tmp_path / name))
+    return RunConfig(**{**values, **overrides})
+
+
+def worker_processes():
+    """Children of this test process, except multiprocessing's resource tracker (one per parent, by design)."""
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+def assert_no_children_left():
+    deadline = time.monotonic() + 10
+    while worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_processes() == []
+
+
+@pytest.mark.parametrize("kind, expected", [("raise", "RuntimeError: injected fault at step 3 on rank 1"),
+                                            ("kill", "killed by SIGKILL")])
+def test_a_failing_rank_stops_the_run_fast_naming_the_rank(tmp_path, monkeypatch, kind, expected):
+    monkeypatch.setenv("DYNBATCH_FAULT", f"{kind}:1:3")
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as failure:
+        run(small_config(tmp_path, kind, epochs=50))
+    assert time.monotonic() - started < 60
+    assert failure.value.rank == 1
+    assert expected in str(failure.value)
+    assert_no_children_left()
+
+
+def test_resume_after_a_kill_mid_epoch_is_bit_exact_with_pid_and_a_changing_schedule(tmp_path, monkeypatch):
+    options = dict(epochs=3, balancer="pid", balance_every=2, slowdown=(1.0, 3.0), emulated_sample_ms=0.2,
+                   schedule="increasing", checkpoint_every=5)
+    reference = run(small_config(tmp_path, "uninterrupted", **options))
+
+    monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:23")  # epoch 2 runs steps 16..23 at B=64
+    with pytest.raises(RunFailed):
+        run(small_config(tmp_path, "interrupted", **options))
+    assert latest_checkpoint(tmp_path / "interrupted")[1]["step"] == 20
+    monkeypatch.delenv("DYNBATCH_FAULT")
+    resumed = run(small_config(tmp_path, "interrupted", resume=str(tmp_path / "interrupted"), **options))
+
+    expected = torch.load(reference.run_dir / "model.pt", weights_only=True)
+    actual = torch.load(resumed.run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert resumed.steps.query("rank == 0").step.tolist() == list(range(len(reference.steps) // 2))
+    columns = ["step", "rank", "batch_size", "global_batch", "loss", "lr"]
+    pd.testing.assert_frame_equal(resumed.steps[columns], reference.steps[columns])
+    # the balancer really moved and the schedule really changed B
+    assert reference.steps.query("rank == 1").batch_size.iloc[-1] < reference.steps.query("rank == 0").batch_size.iloc[-1]
+    assert resumed.epochs.global_batch.tolist() == [32, 64, 128]
+    assert resumed.steps.groupby("epoch").batch_size.sum().tolist() == [512, 512, 512]
+
+
+def test_resume_refuses_another_world_size_and_a_corrupt_checkpoint(tmp_path):
+    first = run(small_config(tmp_path, "done", epochs=1))
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has --world-size 1"):
+        run(small_config(tmp_path, "done", world_size=1, resume=str(first.run_dir)))
+    folder, _ = latest_checkpoint(first.run_dir)
+    (folder / "rank1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunFailed, match=r"checkpoint file .*rank1\.pt is corrupt"):
+        run(small_config(tmp_path, "done", resume=str(first.run_dir)))
+    assert_no_children_left()
+
+
+def test_existing_run_folder_is_not_overwritten_without_overwrite(tmp_path):
+    run(small_config(tmp_path, "taken", epochs=1, max_steps=2))
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        run(small_config(tmp_path, "taken", epochs=1, max_steps=2))
+
+
+def test_two_runs_started_at_once_both_succeed_in_their_own_folders(tmp_path):
+    command = [sys.executable, "-m", "dynbatch_core", "train", "--dataset", "synthetic", "--model", "resnet8",
+               "--epochs", "1", "--train-samples", "256", "--test-samples", "64", "--batch-size", "32",
+               "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in runs]
+    assert [process.returncode for process in runs] == [0, 0], outputs
+    folders = {Path(stdout.strip().splitlines()[-1]) for stdout, _ in outputs}
+    assert len(folders) == 2
+    for folder in folders:
+        assert len(pd.read_csv(folder / "steps.csv")) == 2 * 8
+
+
+def test_an_interrupted_write_leaves_the_previous_file_intact(tmp_path):
+    target = tmp_path / "epochs.csv"
+    target.write_text("epoch,test_acc\n0,0.5\n")
+
+    def write_half_then_die(tmp_name):
+        Path(tmp_name).write_text("epoch,te")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, write_half_then_die)
+    assert target.read_text() == "epoch,test_acc\n0,0.5\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["epochs.csv"]
