@@ -9,8 +9,8 @@ Tables are the run folder's tidy tables (metrics.STEP_COLUMNS, metrics.EPOCH_COL
 the curve. Every function draws inside one seaborn theme (`_theme`, a context manager: importing this module changes
 no global matplotlib state). Times are `wall_s`: cumulative training seconds, evaluation excluded.
 
-Metric helpers (tables in, tables out) live here too, next to the figures that use them: `balance_efficiency`,
-`time_to_reach`, `throughput_ceiling`, `speedup_table`.
+Table helpers for the figures live here too: `efficiency_table` (balance_metrics.balance_efficiency per run),
+`speedup_table`, `time_to_reach`; the per-run metric definitions are in balance_metrics.py.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import pandas as pd
 import seaborn as sns
 from cycler import cycler
 
+from .balance_metrics import balance_efficiency, ceiling_speedup
 from .metrics import write_atomic
 
 TIME_LABEL = "wall time (s, training only)"
@@ -178,23 +179,23 @@ def _slowdown_legend_title(steps: pd.DataFrame) -> str:
     return "rank"
 
 
-def balance_efficiency(steps: pd.DataFrame) -> pd.DataFrame:
-    """Per run and step: efficiency = Σ_i compute_i / (n · max_i compute_i), from steps.csv rows.
-
-    1 means every rank computed for the same time (nobody waited); with one rank k times slower under an equal
-    split of 2 ranks it is (1 + k) / (2k). Columns: run (if present), epoch, step, global_batch, efficiency.
-    """
-    keys = (["run"] if "run" in steps else []) + ["epoch", "step", "global_batch"]
-    grouped = steps.groupby(keys, sort=False)["compute_s"]
-    table = grouped.agg(["sum", "max", "count"]).reset_index()
-    table["efficiency"] = table["sum"] / (table["count"] * table["max"]).where(table["max"] > 0)
-    return table[keys + ["efficiency"]]
+def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """balance_metrics.balance_efficiency for each run: columns run, epoch, step, global_batch, efficiency."""
+    parts = []
+    for run in _runs(steps):
+        part = steps[steps["run"] == run]
+        per_step = part.groupby("step", sort=True)[["epoch", "global_batch"]].first().reset_index()
+        parts.append(per_step.merge(balance_efficiency(part), on="step").assign(run=run))
+    return pd.concat(parts, ignore_index=True)[["run", "epoch", "step", "global_batch", "efficiency"]]
 
 
 def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance efficiency over training",
                                   window: int = 10) -> plt.Figure:
-    """Balance efficiency per step (thin) and its `window`-step rolling mean (thick), one colour per run."""
-    table = balance_efficiency(steps)
+    """Balance efficiency per step (thin) and its `window`-step rolling mean (thick), one colour per run.
+
+    Efficiency = Σ_i compute_i / (n · max_i compute_i) (balance_metrics.balance_efficiency): 1 = nobody waited.
+    """
+    table = efficiency_table(steps)
     runs = _runs(table)
     colours = _palette(runs)
     with _theme():
@@ -211,12 +212,6 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
         ax.legend(title=f"balancer ({window}-step mean)", loc="lower right")
         fig.tight_layout()
     return fig
-
-
-def throughput_ceiling(slowdown: Sequence[float]) -> float:
-    """Best possible speed-up of a proportional split over the equal split: mean(speed) / min(speed), speed = 1/k."""
-    speeds = [1.0 / k for k in slowdown]
-    return float(np.mean(speeds) / min(speeds))
 
 
 def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
@@ -237,7 +232,7 @@ def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFr
         for row in group.itertuples():
             rows.append({"slowest": slowest, "slowdown": slowdown, "balancer": row.balancer,
                          "samples_per_s": row.samples_per_s, "speedup": row.samples_per_s / base.iloc[0],
-                         "ceiling": throughput_ceiling(vector)})
+                         "ceiling": ceiling_speedup(vector)})
     return pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
 
 

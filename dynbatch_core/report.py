@@ -114,9 +114,9 @@ def write_summary(setup: NotebookSetup, *, runs: Mapping[str, RunResult], figure
     from .rundir import git_commit
     payload = {"notebook": setup.notebook, "git_commit": git_commit(),
                "runs": {label: run_summary(result) for label, result in runs.items()},
-               "figures": {name: {"png": Path(fig["paths"]["png"]).name, "csv": Path(fig["paths"]["csv"]).name,
-                                  "title": fig.get("title", name), "findings": list(fig.get("findings", ()))}
-                           for name, fig in figures.items()},
+               "figures": [{"name": name, "png": Path(fig["paths"]["png"]).name,
+                            "csv": Path(fig["paths"]["csv"]).name, "title": fig.get("title", name),
+                            "findings": list(fig.get("findings", ()))} for name, fig in figures.items()],
                "comparison": list(comparison), **dict(extra or {})}
     write_json(setup.output_dir / f"{setup.notebook}__summary.json", payload)
     return {label: {"global_batch_per_epoch": summary["global_batch_per_epoch"],
@@ -126,6 +126,10 @@ def write_summary(setup: NotebookSetup, *, runs: Mapping[str, RunResult], figure
 
 # ---------------------------------------------------------------------------------------------------------------
 # sentences from numbers (shown in the notebooks, copied into REPORT.md)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
 
 
 def _batches(values: Sequence[int]) -> str:
@@ -158,11 +162,11 @@ def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[li
     probe_part = epochs.iloc[:probes]
     first, last = epochs.iloc[0], epochs.iloc[-1]
     findings = [f"The probe ran one epoch at each global batch {_batches(probe_part['global_batch'])} "
-                f"({probe_part['wall_s'].iloc[-1]:.0f} s of training)"
+                f"({_seconds(probe_part['wall_s'].iloc[-1])} of training)"
                 + (f", then kept B = {outcome['chosen_batch']} for the remaining {len(epochs) - probes} epoch(s)."
                    if outcome["chosen_batch"] else "; the run ended before it chose a batch."),
                 f"Test accuracy rose from {first['test_acc']:.3f} after the first epoch to {last['test_acc']:.3f} "
-                f"after {len(epochs)} epochs and {last['wall_s']:.0f} s of training."]
+                f"after {len(epochs)} epochs and {_seconds(last['wall_s'])} of training."]
     if outcome["chosen_batch"] is None:
         return findings, []
     step = (f"from {outcome['acc_before']:.3f} to {outcome['acc_after']:.3f} "
@@ -190,12 +194,12 @@ def describe_accuracy_race(epochs: pd.DataFrame) -> list[str]:
     findings = ["Global batch per epoch: " + "; ".join(
         f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + "."]
     findings.append("Final test accuracy: " + ", ".join(
-        f"{run} {row.test_acc:.3f} after {row.wall_s:.0f} s" for run, row in finals.iterrows()) + ".")
+        f"{run} {row.test_acc:.3f} after {_seconds(row.wall_s)}" for run, row in finals.iterrows()) + ".")
     if len(finals) > 1:
         target = float(finals["test_acc"].min())
         reach = time_to_reach(epochs, "test_acc", target, lower_is_better=False).sort_values("time_s")
         findings.append(f"To reach {target:.3f} (the lowest final accuracy) took " + ", ".join(
-            f"{row.run} {row.time_s:.0f} s" for row in reach.itertuples()) +
+            f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) +
             f": {reach['run'].iloc[0]} was {reach['time_s'].iloc[-1] / reach['time_s'].iloc[0]:.2f}× faster "
             f"than {reach['run'].iloc[-1]}.")
     return findings
@@ -214,7 +218,7 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
     reach["rate"] = reach["samples"] / reach["time_s"]
     fastest, slowest = reach.iloc[0], reach.iloc[-1]
     findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it): "
-                + ", ".join(f"{row.run} {row.time_s:.0f} s" for row in reach.itertuples()) + ".",
+                + ", ".join(f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) + ".",
                 "Global batch per epoch: " + "; ".join(
                     f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index)
                 + "."]
@@ -259,11 +263,12 @@ def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
 def describe_balancing(steps: pd.DataFrame, epochs: pd.DataFrame, speedups: pd.DataFrame,
                        slowdown: Sequence[float]) -> dict[str, list[str]]:
     """Sentences for the heterogeneous notebook's four figures, keyed like its figures."""
-    from .plots import balance_efficiency, throughput_ceiling
+    from .balance_metrics import ceiling_speedup
+    from .plots import efficiency_table
     speeds = [1.0 / k for k in slowdown]
     ideal = [round(s / sum(speeds), 2) for s in speeds]
     splits = [f"{run} {split}" for run, split in last_full_split(steps).items()]
-    efficiency = balance_efficiency(steps)
+    efficiency = efficiency_table(steps)
     last_epoch = efficiency[efficiency["epoch"] == efficiency.groupby("run")["epoch"].transform("max")]
     mean_eff = last_epoch.groupby("run", sort=False)["efficiency"].mean()
     equal_eff = sum(slowdown) / (len(slowdown) * max(slowdown))
@@ -275,7 +280,7 @@ def describe_balancing(steps: pd.DataFrame, epochs: pd.DataFrame, speedups: pd.D
         "balance_efficiency": ["Mean balance efficiency in the last epoch: " + ", ".join(
             f"{run} {value:.2f}" for run, value in mean_eff.items()) +
             f" (an equal split of these slowdowns gives {equal_eff:.2f} in theory, a perfect split 1)."],
-        "speedup": [f"At slowdown {list(slowdown)} the ceiling is {throughput_ceiling(slowdown):.2f}×; measured on "
+        "speedup": [f"At slowdown {list(slowdown)} the ceiling is {ceiling_speedup(slowdown):.2f}×; measured on "
                     "the last epoch: " + ", ".join(f"{row.balancer} {row.speedup:.2f}×" for row in others.itertuples())
                     + ".",
                     "The ceiling assumes a fixed cost per sample; on a CPU the cost per sample falls with the batch, "
@@ -377,18 +382,17 @@ def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
         summary = json.loads(summary_path.read_text())
         executed = nbformat.read(str(executed_path), as_version=4)
         meta = executed.metadata.get("dynbatch", {})
-        injected = dict(executed.metadata.get("papermill", {}).get("parameters", {}))
-        injected.pop("output_dir", None)
-        defaults = papermill.inspect_notebook(str(repo / "notebooks" / f"{notebook}.ipynb"))
         total_s += meta.get("seconds", 0.0)
-        parameter_sets.add(meta.get("parameter_set", "?"))
-        params = ", ".join(f"`{name}={injected[name]!r}`" if name in injected else f"`{name}={info['default']}`"
-                           for name, info in defaults.items() if name not in ("output_dir", "runs_dir"))
-        lines = [f"## {notebook}\n", f"Notebook `notebooks/{notebook}.ipynb`, executed copy "
-                 f"`notebooks/{notebook}.ipynb` here ({meta.get('seconds', float('nan')):.0f} s), parameter set "
-                 f"`{meta.get('parameter_set', '?')}`, git commit `{summary.get('git_commit')}`.\n",
-                 f"Parameters: {params}.\n"]
-        for figure in summary["figures"].values():
+        parameter_set = meta.get("parameter_set", "?")
+        parameter_sets.add(parameter_set)
+        source = ("the notebook's defaults" if parameter_set == "defaults" else
+                  f"`notebooks/params/{parameter_set}/{notebook}.yaml`")
+        lines = [f"## {notebook}\n",
+                 f"Executed copy [`notebooks/{notebook}.ipynb`](notebooks/{notebook}.ipynb) of the repository's "
+                 f"`notebooks/{notebook}.ipynb` ({meta.get('seconds', float('nan')) / 60:.1f} min), parameters "
+                 f"from {source}, git commit `{summary.get('git_commit')}`.\n",
+                 f"Parameters: {_parameter_line(repo, notebook, executed)}.\n"]
+        for figure in summary["figures"]:
             lines.append(f"### {figure['title']}\n\n![{figure['title']}](figures/{figure['png']})\n")
             lines.append(" ".join(figure["findings"]) + f" Data: [`figures/{figure['csv']}`](figures/{figure['csv']}).\n")
         comparisons += [f"- **{notebook}**: {sentence}" for sentence in summary.get("comparison", [])]
@@ -410,6 +414,20 @@ def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
     text = "\n".join(head + sections)
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def _parameter_line(repo: Path, notebook: str, executed) -> str:
+    """Every parameter as `name=value`: the injected value where papermill injected one, else the default."""
+    import ast
+    import papermill
+    values = {name: info["default"] for name, info in
+              papermill.inspect_notebook(str(repo / "notebooks" / f"{notebook}.ipynb")).items()}
+    for cell in executed.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                    values[node.targets[0].id] = ast.get_source_segment(cell.source, node.value)
+    return ", ".join(f"`{name}={value}`" for name, value in values.items() if name not in ("output_dir", "runs_dir"))
 
 
 def _machine() -> str:

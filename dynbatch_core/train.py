@@ -95,6 +95,7 @@ class RankTrainer:
         self.sync = GradientSync(self.model.parameters(), world_size=self.world_size)
         self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
         self.fault = _InjectedFault.from_env()
+        self.git_commit = git_commit()
         self.progress = Progress(previous_target_lr=config.lr)
         self.history: list[EpochSummary] = []
         self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
@@ -204,7 +205,7 @@ class RankTrainer:
                 "sampler": self.sampler.state_dict(), "progress": dataclasses.asdict(self.progress),
                 "history": [dataclasses.asdict(summary) for summary in self.history],
                 "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "my_rows": self.my_rows,
-                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": git_commit()}
+                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": self.git_commit}
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.run_dir, rank=self.rank, world_size=self.world_size,
@@ -262,7 +263,7 @@ def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.O
 
 @dataclasses.dataclass(frozen=True)
 class _InjectedFault:
-    """Failure injection for the reliability tests: DYNBATCH_FAULT="raise:RANK:STEP" or "kill:RANK:STEP".
+    """Failure injection for the reliability tests: DYNBATCH_FAULT="KIND:RANK:STEP", KIND = raise, kill or hang.
 
     Fires just before global step STEP on rank RANK, in the first attempt only (torchrun restarts are clean).
     """
@@ -283,4 +284,6 @@ class _InjectedFault:
             return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "hang":
+            time.sleep(10**6)
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")

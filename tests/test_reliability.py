@@ -1,5 +1,6 @@
 """Runs finish or fail as a whole, fast and clean; checkpoints resume bit-exactly; outputs are never half-written."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,33 @@ def test_a_failing_rank_stops_the_run_fast_naming_the_rank(tmp_path, monkeypatch
     assert failure.value.rank == 1
     assert expected in str(failure.value)
     assert_no_children_left()
+
+
+def test_a_hanging_rank_fails_the_run_after_the_collective_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNBATCH_FAULT", "hang:1:3")
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as failure:
+        run(small_config(tmp_path, "hang", epochs=50, timeout_s=5))
+    assert time.monotonic() - started < 60
+    assert failure.value.rank == 0  # rank 0 gives up waiting for rank 1 in the all-reduce
+    assert_no_children_left()
+
+
+def test_ctrl_c_in_the_cli_stops_every_rank(tmp_path):
+    command = [sys.executable, "-m", "dynbatch_core", "train", "--dataset", "synthetic", "--model", "resnet8",
+               "--epochs", "100", "--train-samples", "512", "--no-progress", "--out", str(tmp_path / "interrupted")]
+    cli = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(cli.pid)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "interrupted" / "steps.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    cli.send_signal(signal.SIGINT)  # to the parent only, as Jupyter's "interrupt kernel" does
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 130, stderr
+    assert "interrupted; every rank stopped" in stderr
+    assert not any(rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE for rank in ranks)
 
 
 def test_resume_after_a_kill_mid_epoch_is_bit_exact_with_pid_and_a_changing_schedule(tmp_path, monkeypatch):

@@ -1,0 +1,116 @@
+"""balance_metrics on small hand-made steps/epochs tables with numbers worked out by hand."""
+import math
+
+import pandas as pd
+import pytest
+
+from dynbatch_core.balance_metrics import (balance_efficiency, ceiling_speedup, ideal_split, oscillation,
+                                           runnable_ranks, settle_step, step_times, steady_throughput,
+                                           time_to_accuracy)
+
+
+def steps_table(rows):
+    """rows: (step, rank, batch_size, compute_s, wait_s); global_batch is the step's sum of batch_size."""
+    table = pd.DataFrame(rows, columns=["step", "rank", "batch_size", "compute_s", "wait_s"])
+    table["global_batch"] = table.groupby("step")["batch_size"].transform("sum")
+    return table
+
+
+# two ranks, global batch 8, ideal split [6, 2] (slowdowns [1, 3])
+SPLIT_STEPS = steps_table([
+    (0, 0, 4, 0.10, 0.20), (0, 1, 4, 0.30, 0.00),
+    (1, 0, 5, 0.20, 0.10), (1, 1, 3, 0.30, 0.00),
+    (2, 0, 6, 0.20, 0.00), (2, 1, 2, 0.20, 0.00),
+    (3, 0, 5, 0.20, 0.00), (3, 1, 3, 0.25, 0.00),
+    (4, 0, 6, 0.30, 0.00), (4, 1, 2, 0.20, 0.10),
+    (5, 0, 6, 0.20, 0.00), (5, 1, 2, 0.20, 0.00),
+])
+
+
+def test_balance_efficiency_is_sum_over_n_times_max_per_step():
+    table = balance_efficiency(SPLIT_STEPS)
+    assert list(table.columns) == ["step", "efficiency"]
+    assert table["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    # (0.1 + 0.3) / (2 * 0.3), (0.2 + 0.3) / 0.6, 1, 0.45 / 0.5, 0.5 / 0.6, 1
+    assert table["efficiency"].tolist() == pytest.approx([2 / 3, 5 / 6, 1.0, 0.9, 5 / 6, 1.0])
+
+
+def test_balance_efficiency_of_four_ranks_and_an_idle_step():
+    table = balance_efficiency(steps_table([
+        (0, 0, 1, 0.1, 0), (0, 1, 1, 0.1, 0), (0, 2, 1, 0.2, 0), (0, 3, 1, 0.4, 0),
+        (1, 0, 0, 0.0, 0), (1, 1, 0, 0.0, 0), (1, 2, 0, 0.0, 0), (1, 3, 0, 0.0, 0),
+    ]))
+    assert table["efficiency"].iloc[0] == pytest.approx(0.8 / 1.6)
+    assert math.isnan(table["efficiency"].iloc[1])
+
+
+def test_ideal_split_is_proportional_to_speed():
+    assert ideal_split(128, [1, 3]) == pytest.approx([96.0, 32.0])
+    assert ideal_split(132, [1, 1, 2, 4]) == pytest.approx([48.0, 48.0, 24.0, 12.0])
+    assert ideal_split(64, [1, 1]) == [32.0, 32.0]
+    with pytest.raises(ValueError, match="positive"):
+        ideal_split(64, [1, 0])
+
+
+def test_ceiling_is_mean_speed_over_slowest_speed():
+    assert ceiling_speedup([1, 3]) == pytest.approx(2.0)
+    assert ceiling_speedup([1, 1, 2, 4]) == pytest.approx(2.75)
+    assert ceiling_speedup([1, 8]) == pytest.approx(4.5)
+    assert ceiling_speedup([2, 2]) == pytest.approx(1.0)
+
+
+def test_settle_step_is_first_step_after_which_every_rank_stays_in_the_band():
+    # band = 0.05 * 8 / 2 = 0.2 samples: only exactly [6, 2] is inside; step 3 ([5, 3]) leaves it again
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2]) == 4
+    # band = 0.25 * 4 = 1 sample: [5, 3] is inside from step 1 on
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], tolerance=0.25) == 1
+    # the window ends before step 3: settled from step 2
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], end_step=3) == 2
+    # a change at step 3 with an already-settled split (within 1 sample) settles at once
+    assert settle_step(SPLIT_STEPS, change_step=3, ideal=[6, 2], tolerance=0.25) == 3
+
+
+def test_settle_step_is_none_when_the_window_ends_unsettled_or_is_empty():
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], end_step=4) is None
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[4, 4]) is None
+    assert settle_step(SPLIT_STEPS, change_step=10, ideal=[6, 2]) is None
+    with pytest.raises(ValueError, match="3 entries but the steps hold 2 ranks"):
+        settle_step(SPLIT_STEPS, change_step=0, ideal=[4, 2, 2])
+
+
+def test_oscillation_is_largest_range_over_mean_of_any_rank():
+    # steps 2..5: rank 0 holds 6,5,6,6 -> 1 / 5.75; rank 1 holds 2,3,2,2 -> 1 / 2.25
+    assert oscillation(SPLIT_STEPS, after_step=2) == pytest.approx(1 / 2.25)
+    assert oscillation(SPLIT_STEPS, after_step=4) == 0.0
+    assert oscillation(SPLIT_STEPS, after_step=0, end_step=2) == pytest.approx(1 / 3.5)
+    assert math.isnan(oscillation(SPLIT_STEPS, after_step=6))
+
+
+def test_step_time_is_slowest_compute_plus_wait():
+    assert step_times(SPLIT_STEPS).tolist() == pytest.approx([0.3, 0.3, 0.2, 0.25, 0.3, 0.2])
+
+
+def test_steady_throughput_is_samples_over_summed_step_times():
+    assert steady_throughput(SPLIT_STEPS) == pytest.approx(48 / 1.55)
+    assert steady_throughput(SPLIT_STEPS, after_step=4) == pytest.approx(16 / 0.5)
+    assert steady_throughput(SPLIT_STEPS, after_step=1, end_step=3) == pytest.approx(16 / 0.5)
+    assert math.isnan(steady_throughput(SPLIT_STEPS, after_step=9))
+
+
+def test_time_to_accuracy_is_wall_time_of_first_epoch_at_target():
+    epochs = pd.DataFrame({"epoch": [0, 1, 2, 3], "test_acc": [0.5, 0.88, 0.92, 0.91],
+                           "wall_s": [10.0, 20.0, 30.0, 40.0]})
+    assert time_to_accuracy(epochs, 0.9) == 30.0
+    assert time_to_accuracy(epochs, 0.88) == 20.0
+    assert time_to_accuracy(epochs, 0.5) == 10.0
+    assert math.isnan(time_to_accuracy(epochs, 0.95))
+
+
+def test_runnable_ranks_counts_compute_without_the_emulated_sleep():
+    table = steps_table([(0, 0, 6, 0.2, 0.1), (0, 1, 2, 0.3, 0.0),
+                         (1, 0, 6, 0.2, 0.0), (1, 1, 2, 0.15, 0.05)])
+    table["slowdown"] = [1.0, 3.0, 1.0, 3.0]
+    # busy seconds 0.2 + 0.1 and 0.2 + 0.05; step times 0.3 and 0.2
+    assert runnable_ranks(table) == pytest.approx(0.55 / 0.5)
+    with pytest.raises(ValueError, match="slowdown"):
+        runnable_ranks(SPLIT_STEPS)

@@ -1,0 +1,204 @@
+"""The notebooks and the report: structure (fast), the metric helpers behind the figures (fast), and smoke runs
+through papermill with small injected parameters (slow), asserting the numbers each notebook recorded in its
+<notebook>__summary.json. `pytest --nbval-lax notebooks/` separately executes the stored notebooks at their defaults.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from dynbatch_core import plots, report
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
+
+# Small enough that the five notebooks add ~2-3 minutes on 2 CPU cores, large enough to assert on
+# (most of each run's time is spawning ranks, so fewer samples barely help below this).
+SMOKE_PARAMETERS = {
+    "1gpu_mnist": {"train_samples": 512, "test_samples": 500, "epochs": 5},
+    "1gpu_cifar10": {"train_samples": 512, "test_samples": 250, "epochs": 5, "probe_sizes": [16, 32, 64, 128]},
+    "2gpu": {"world_size": 2, "train_samples": 512, "test_samples": 250, "epochs": 4, "batch_size": 32},
+    "4gpu": {"world_size": 4, "train_samples": 512, "test_samples": 200, "epochs": 3,
+             "schedules": {"static": 64, "increasing": 16, "decreasing": 256, "loss-plateau": 64}},
+    "heterogeneous": {"world_size": 2, "slowdown": [1, 3], "train_samples": 768, "test_samples": 200, "epochs": 2,
+                      "batch_size": 64, "balancers": ["equal", "dbs", "pid"], "sweep_slowest": []},
+}
+
+
+def _load(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(str(NOTEBOOK_DIR / f"{name}.ipynb"), as_version=4)
+
+
+# --------------------------------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("name", report.NOTEBOOKS)
+def test_notebook_has_exactly_one_parameters_cell_among_its_first_three_code_cells(name):
+    code_cells = [cell for cell in _load(name).cells if cell.cell_type == "code"]
+    tagged = [i for i, cell in enumerate(code_cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] < 3
+
+
+@pytest.mark.parametrize("name", report.NOTEBOOKS)
+def test_notebook_is_stored_without_outputs_except_checked_cells(name):
+    for cell in _load(name).cells:
+        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" not in cell.source:
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+@pytest.mark.parametrize("name", report.NOTEBOOKS)
+def test_notebook_defaults_write_to_scratch_folders_not_the_committed_report(name):
+    import papermill
+    defaults = papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
+    assert defaults["output_dir"]["default"].strip("\"'").startswith("runs/")
+    assert defaults["runs_dir"]["default"].strip("\"'").startswith("runs/")
+
+
+@pytest.mark.parametrize("parameter_set", ["report", "full"])
+@pytest.mark.parametrize("name", report.NOTEBOOKS)
+def test_parameter_file_sets_only_parameters_the_notebook_has(name, parameter_set):
+    import papermill
+    from dynbatch_core import RunConfig
+    values = yaml.safe_load((NOTEBOOK_DIR / "params" / parameter_set / f"{name}.yaml").read_text())
+    names = papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
+    assert set(values) <= set(names), set(values) - set(names)
+    assert "output_dir" not in values and "runs_dir" not in values  # the report command chooses those
+    RunConfig.from_dict(values.get("config_overrides", {}))  # unknown RunConfig fields raise
+
+
+# -------------------------------------------------------------------------------------- helpers behind figures
+
+
+def test_efficiency_table_keeps_runs_apart_and_carries_epoch_and_global_batch():
+    steps = pd.DataFrame({"run": ["equal"] * 4 + ["dbs"] * 2, "epoch": [0, 0, 1, 1, 0, 0],
+                          "step": [0, 0, 1, 1, 0, 0], "rank": [0, 1, 0, 1, 0, 1], "global_batch": 64,
+                          "compute_s": [0.1, 0.3, 0.2, 0.2, 0.3, 0.3]})
+    table = plots.efficiency_table(steps)
+    assert table[["run", "epoch", "step"]].values.tolist() == [["equal", 0, 0], ["equal", 1, 1], ["dbs", 0, 0]]
+    assert table["efficiency"].tolist() == pytest.approx([(0.1 + 0.3) / (2 * 0.3), 1.0, 1.0])
+
+
+def test_time_to_reach_interpolates_between_epoch_ends_and_is_nan_when_never_reached():
+    epochs = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 2, "train_loss": [1.0, 0.5, 0.3, 2.0, 1.5],
+                           "wall_s": [10.0, 20.0, 30.0, 5.0, 10.0], "samples": [100] * 5})
+    reach = plots.time_to_reach(epochs, "train_loss", 0.4, lower_is_better=True).set_index("run")
+    assert reach.loc["a", "time_s"] == pytest.approx(25.0)
+    assert reach.loc["a", "samples"] == pytest.approx(250.0)
+    assert math.isnan(reach.loc["b", "time_s"])
+
+
+def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
+    epochs = pd.DataFrame({"balancer": ["equal", "equal", "dbs", "dbs"], "slowest": 3, "slowdown": "1,3",
+                           "epoch": [0, 1, 0, 1], "samples_per_s": [100.0, 110.0, 100.0, 198.0]})
+    table = plots.speedup_table(epochs).set_index("balancer")
+    assert table.loc["dbs", "speedup"] == pytest.approx(1.8)
+    assert table.loc["equal", "speedup"] == pytest.approx(1.0)
+    assert table.loc["dbs", "ceiling"] == pytest.approx(2.0)
+
+
+def test_save_figure_writes_png_and_csv_and_leaves_no_temporary_files(tmp_path):
+    epochs = pd.DataFrame({"run": "static", "epoch": [0, 1], "global_batch": [64, 64], "test_acc": [0.5, 0.7],
+                           "wall_s": [1.0, 2.0]})
+    paths = plots.save_figure(plots.accuracy_vs_time(epochs), "nb__accuracy", epochs, tmp_path)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(paths["csv"]).equals(epochs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nb__accuracy.csv", "nb__accuracy.png"]
+
+
+def test_probe_outcome_reports_a_dip_when_accuracy_falls_as_the_batch_drops_back():
+    epochs = pd.DataFrame({"epoch": range(6), "global_batch": [16, 32, 64, 128, 16, 16],
+                           "test_acc": [0.8, 0.85, 0.88, 0.9, 0.86, 0.91], "wall_s": range(1, 7)})
+    outcome = report.probe_outcome(epochs, [16, 32, 64, 128])
+    assert outcome["chosen_batch"] == 16 and outcome["dropped"] and outcome["dip_points"] == pytest.approx(4.0)
+    findings, comparison = report.describe_probe(epochs, [16, 32, 64, 128])
+    assert "a dip" in findings[-1] and comparison[0].startswith("Like the class study")
+
+
+# ------------------------------------------------------------------------------------------- papermill smoke runs
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory) -> Path:
+    """One output folder (notebooks/, figures/) shared by the smoke runs, like the report command's outputs/."""
+    return tmp_path_factory.mktemp("report")
+
+
+def _execute(name: str, out: Path) -> dict:
+    """Execute the notebook through papermill (cwd = repo root) with its smoke parameters; its summary JSON."""
+    parameters = {**SMOKE_PARAMETERS[name], "runs_dir": str(out / "runs")}
+    report.execute_notebook(REPO, name, "defaults", out, kernel="python3", parameters=parameters)
+    summary = json.loads((out / "figures" / f"{name}__summary.json").read_text())
+    for figure in summary["figures"]:
+        for kind in ("png", "csv"):
+            assert (out / "figures" / figure[kind]).stat().st_size > 0
+        assert figure["findings"], f"{name}: no sentences for {figure['title']}"
+    executed = nbformat.read(str(out / "notebooks" / f"{name}.ipynb"), as_version=4)
+    images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(summary["figures"]), "every figure is shown inline"
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["1gpu_mnist", "1gpu_cifar10"])
+def test_probe_notebook_runs_each_probe_size_once_then_keeps_one_of_them(name, smoke_out):
+    summary = _execute(name, smoke_out)
+    probe = summary["runs"]["probe"]
+    assert probe["global_batch_per_epoch"][:4] == [16, 32, 64, 128]
+    assert probe["global_batch_per_epoch"][4] in (16, 32, 64, 128)
+    assert probe["final_test_acc"] > (0.2 if name == "1gpu_mnist" else 0.1)  # chance is 0.1
+    assert summary["probe"]["chosen_batch"] == probe["global_batch_per_epoch"][4]
+
+
+@pytest.mark.slow
+def test_2gpu_static_keeps_its_batch_and_loss_plateau_only_doubles_or_halves(smoke_out):
+    summary = _execute("2gpu", smoke_out)
+    static, dynamic = summary["runs"]["static"], summary["runs"]["loss-plateau"]
+    assert static["global_batch_per_epoch"] == [32] * 4
+    batches = dynamic["global_batch_per_epoch"]
+    assert batches[:2] == [32, 32]  # plateau_window = 2 epochs before the first decision
+    assert all(later in (2 * earlier, earlier // 2, earlier) for earlier, later in zip(batches, batches[1:]))
+    assert min(static["final_test_acc"], dynamic["final_test_acc"]) > 0.2
+
+
+@pytest.mark.slow
+def test_4gpu_increasing_doubles_and_decreasing_halves_every_epoch(smoke_out):
+    summary = _execute("4gpu", smoke_out)
+    runs = summary["runs"]
+    assert runs["static"]["global_batch_per_epoch"] == [64, 64, 64]
+    assert runs["increasing"]["global_batch_per_epoch"] == [16, 32, 64]
+    assert runs["decreasing"]["global_batch_per_epoch"] == [256, 128, 64]
+    assert set(runs) == {"static", "increasing", "decreasing", "loss-plateau"}
+    assert all(run["final_test_acc"] > 0.2 for run in runs.values())
+    assert summary["comparison"] and "class study" in summary["comparison"][0]
+
+
+@pytest.mark.slow
+def test_heterogeneous_balancers_give_the_fast_rank_more_and_speed_up_over_equal(smoke_out):
+    summary = _execute("heterogeneous", smoke_out)
+    split = summary["last_split"]
+    assert split["equal"] == [32, 32]
+    assert split["dbs"][0] > split["dbs"][1] and split["pid"][0] > split["pid"][1]  # rank 1 is 3x slower
+    speedup = {row["balancer"]: row["speedup"] for row in summary["speedup"]}
+    assert speedup["dbs"] > 1.2  # ceiling 2.0; measured ~1.9 on 2 CPU cores
+    assert all(run["final_test_acc"] > 0.2 for run in summary["runs"].values())
+
+
+@pytest.mark.slow
+def test_report_md_shows_each_executed_notebooks_figures_findings_and_parameters(smoke_out):
+    for name in report.NOTEBOOKS:  # whichever the tests above have not executed yet (e.g. with -k)
+        if not (smoke_out / "figures" / f"{name}__summary.json").exists():
+            _execute(name, smoke_out)
+    text = report.write_report(REPO, smoke_out).read_text()
+    for name in report.NOTEBOOKS:
+        summary = json.loads((smoke_out / "figures" / f"{name}__summary.json").read_text())
+        assert f"## {name}" in text
+        for figure in summary["figures"]:
+            assert f"(figures/{figure['png']})" in text and figure["findings"][0] in text
+    assert "world_size=4" in text  # injected parameters are listed
+    assert "## Comparison with the class study" in text
