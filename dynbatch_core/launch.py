@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from .config import RunConfig, validate_config
 from .console import log
 from .distributed import free_port, resolve_device, threads_per_rank, torchrun_identity
-from .metrics import RunResult, read_run, write_json
+from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
 from .rundir import git_commit, prepare_run_dir
 from .train import train_worker
 
@@ -47,9 +47,10 @@ def run(config: RunConfig) -> RunResult:
     init_method = f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), init_method, device_kind),
                                  nprocs=config.world_size, join=False, start_method="spawn")
+    bar = _RunProgressBar(config, run_dir)
     try:
         while not context.join(timeout=1.0):
-            pass
+            bar.refresh()
     except mp.ProcessRaisedException as error:
         raise RunFailed(error.error_index, _traceback_of(error), run_dir) from None
     except mp.ProcessExitedException as error:
@@ -58,6 +59,7 @@ def run(config: RunConfig) -> RunResult:
         raise RunFailed(error.error_index, how, run_dir) from None
     finally:  # also on KeyboardInterrupt: no rank outlives run()
         _stop(context.processes)
+        bar.close()
     return read_run(run_dir)
 
 
@@ -87,7 +89,7 @@ def train_under_torchrun(config: RunConfig) -> Path:
         log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size, config.threads)}; "
             f"run folder {run_dir}" + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']})" if restarted else ""))
     train_worker(config, rank=rank, local_rank=local_rank, local_world_size=local_world_size, run_dir=run_dir,
-                 init_method="env://", device_kind=device_kind)
+                 init_method="env://", device_kind=device_kind, draw_progress=True)
     return run_dir
 
 
@@ -100,7 +102,7 @@ def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
     _die_with_parent()
     train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
-                 init_method=init_method, device_kind=device_kind)
+                 init_method=init_method, device_kind=device_kind, draw_progress=False)
 
 
 def _die_with_parent() -> None:
@@ -110,6 +112,32 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+
+
+class _RunProgressBar:
+    """The launcher's progress bar (a widget in Jupyter, text in a terminal), fed by rank 0's progress.json."""
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        from tqdm.auto import tqdm
+        self.source = ProgressFile(run_dir / PROGRESS_FILE)
+        self.epochs = config.epochs
+        self.bar = tqdm(total=config.max_steps, desc="starting ranks", unit="step", disable=not config.progress,
+                        dynamic_ncols=True)
+
+    def refresh(self) -> None:
+        progress = self.source.read()
+        if progress is None or "total_steps" not in progress or self.bar.disable:
+            return
+        self.bar.set_description(f"epoch {progress['epoch'] + 1}/{self.epochs} B={progress['global_batch']}",
+                                 refresh=False)
+        self.bar.set_postfix(loss=f"{progress['loss']:.3f}", split=",".join(map(str, progress["split"])),
+                             refresh=False)
+        self.bar.total = progress["total_steps"]  # re-estimated as the schedule changes the batch
+        self.bar.update(progress["step"] - self.bar.n)
+
+    def close(self) -> None:
+        self.refresh()
+        self.bar.close()
 
 
 def _stop(processes, grace_s: float = 5.0) -> None:

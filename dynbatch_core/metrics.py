@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the launching process to draw its progress bar
 STEP_COLUMNS = ["epoch", "step", "rank", "batch_size", "global_batch", "compute_s", "wait_s", "loss", "lr"]
 EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc",
                  "epoch_s", "wall_s", "samples_per_s"]
@@ -52,6 +54,25 @@ def write_json(path: Path, payload: dict) -> None:
             json.dump(payload, handle, indent=2, sort_keys=True)
             handle.write("\n")
     write_atomic(path, dump)
+
+
+class ProgressFile:
+    """Rank 0 reports where it is, at most once a second, as a small JSON file the launcher polls."""
+
+    def __init__(self, path: Path, every_s: float = 1.0):
+        self.path, self.every_s, self.last = Path(path), every_s, 0.0
+
+    def report(self, final: bool = False, **values) -> None:
+        now = time.monotonic()
+        if final or now - self.last >= self.every_s:
+            self.last = now
+            write_json(self.path, values)
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
 
 def read_run(run_dir: str | os.PathLike) -> RunResult:

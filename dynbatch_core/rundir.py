@@ -7,10 +7,12 @@ files is refused unless overwrite is set.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 RUNS_ROOT = Path("runs")
+RUN_FILES = ("config.json", "steps.csv", "epochs.csv", "model.pt", "progress.json", "checkpoints")
 
 
 def prepare_run_dir(out: str | None, *, overwrite: bool, label: str) -> Path:
@@ -31,6 +33,12 @@ def prepare_run_dir(out: str | None, *, overwrite: bool, label: str) -> Path:
         raise ValueError(f"--out {out}: folder exists and is not empty; pass --overwrite to write into it, "
                          "or choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # overwrite: nothing of the previous run may leak into this one (a stale checkpoint!)
+        stale = run_dir / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
     return run_dir.resolve()
 
 

@@ -29,7 +29,7 @@ from .data import collate_batch, load_datasets
 from .distributed import init_process_group, threads_per_rank
 from .hetero import SlowdownPlan
 from .lr import decay_factor, scaled_lr, warmup_lr
-from .metrics import EPOCH_COLUMNS, STEP_COLUMNS, write_atomic, write_table
+from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
 from .rundir import git_commit
 from .sampler import DynamicBatchSampler
@@ -38,14 +38,15 @@ from .step import GradientSync, train_step
 
 
 def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_size: int, run_dir: Path,
-                 init_method: str, device_kind: str) -> None:
+                 init_method: str, device_kind: str, draw_progress: bool) -> None:
+    """draw_progress: rank 0 draws its own progress bar (torchrun); under run() the parent process draws it."""
     torch.set_num_threads(config.threads or threads_per_rank(local_world_size))
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)
     try:
         device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-        trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir))
+        trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
         if config.resume is not None:
             trainer.resume()
         trainer.fit()
@@ -69,8 +70,9 @@ class Progress:
 
 
 class RankTrainer:
-    def __init__(self, config: RunConfig, *, rank: int, device: torch.device, run_dir: Path):
+    def __init__(self, config: RunConfig, *, rank: int, device: torch.device, run_dir: Path, draw_progress: bool):
         self.config, self.rank, self.device, self.run_dir = config, rank, device, run_dir
+        self.draw_progress = draw_progress and config.progress and rank == 0
         self.world_size = config.world_size
         self.train_set, self.test_set, _ = load_datasets(
             config.dataset, data_dir=config.data_dir, download=config.download, train_samples=config.train_samples,
@@ -96,6 +98,7 @@ class RankTrainer:
         self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
         self.fault = _InjectedFault.from_env()
         self.git_commit = git_commit()
+        self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
         self.progress = Progress(previous_target_lr=config.lr)
         self.history: list[EpochSummary] = []
         self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
@@ -122,7 +125,7 @@ class RankTrainer:
         self.train_set.set_epoch(epoch)
         bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
                            description=f"epoch {epoch + 1}/{config.epochs} B={decision.global_batch}",
-                           enabled=config.progress and self.rank == 0)
+                           enabled=self.draw_progress)
         bar.update(progress.epoch_steps)
         segment_started = time.perf_counter()
         batches = iter(self.loader)
@@ -154,6 +157,14 @@ class RankTrainer:
             progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
+            if self.rank == 0:
+                steps_per_epoch = math.ceil(len(self.train_set) / decision.global_batch)
+                total = progress.global_step + math.ceil(self.sampler.remaining / decision.global_batch) \
+                    + (config.epochs - epoch - 1) * steps_per_epoch
+                self.progress_file.report(
+                    epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
+                    split=result.rank_batches, total_steps=min(total, config.max_steps or total),
+                    final=not self.steps_left() or (epoch + 1 == config.epochs and self.sampler.remaining == 0))
             if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                     and self.sampler.remaining > 0:
                 progress.epoch_elapsed_s += time.perf_counter() - segment_started

@@ -101,13 +101,14 @@ def test_pid_converges_to_3_to_1_within_20_updates_then_stays_put_for_50():
 
 @pytest.mark.parametrize("balance_every", [2, 10])
 def test_pid_dead_band_keeps_equal_ranks_still_under_3_percent_noise(balance_every):
-    def distinct_splits(dead_band):
-        balancer = build_balancer("pid", 2, balance_every=balance_every, dead_band=dead_band)
+    def distinct_splits(dead_band, every):
+        balancer = build_balancer("pid", 2, balance_every=every, dead_band=dead_band)
         splits = run_steps(balancer, 256, [100, 100], 500, noise=0.03, rng=random.Random(1))
         return {tuple(split) for split in splits}
 
-    assert distinct_splits(dead_band=0.05) == {(128, 128)}
-    assert len(distinct_splits(dead_band=0.0)) > 1  # without it the split follows the noise
+    assert distinct_splits(dead_band=0.05, every=balance_every) == {(128, 128)}
+    # without it the split follows the noise (short windows, where the noise is not averaged away)
+    assert len(distinct_splits(dead_band=0.0, every=2)) > 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -129,7 +130,7 @@ def test_pid_tracks_a_slowdown_and_its_recovery_within_20_updates_each():
 
 def test_pid_moves_a_share_by_at_most_max_change_of_1_over_n_per_update():
     balancer = build_balancer("pid", 4, balance_every=1, max_change=0.25, dead_band=0.0)
-    for _ in range(40):
+    for _ in range(80):
         before = balancer.weights()
         run_steps(balancer, 400, [1000, 100, 100, 100], 1, overhead_s=0.0)
         assert max(abs(a - b) for a, b in zip(before, balancer.weights())) <= 0.25 / 4 + 1e-12
