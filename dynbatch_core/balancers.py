@@ -194,8 +194,8 @@ class PIDBalancer(Balancer):
     name = "pid"
     options = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
 
-    def __init__(self, world_size: int, *, balance_every: int = 10, pid_kp: float = 0.5, pid_ki: float = 0.05,
-                 pid_ema: float = 0.3, dead_band: float = 0.05, max_change: float = 0.25, **bounds):
+    def __init__(self, world_size: int, *, balance_every: int = 3, pid_kp: float = 0.6, pid_ki: float = 0.05,
+                 pid_ema: float = 0.6, dead_band: float = 0.05, max_change: float = 0.25, **bounds):
         super().__init__(world_size, **bounds)
         for what, value, ok in (("balance_every", balance_every, balance_every >= 1),
                                 ("pid_kp", pid_kp, pid_kp >= 0), ("pid_ki", pid_ki, pid_ki >= 0),

@@ -64,12 +64,13 @@ class RunConfig:
     rank_weights: tuple[float, ...] | None = _opt(None, "fixed per-rank shares for the weights balancer, e.g. 3,13",
                                                   list_of=float)
     max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard)")
-    balance_every: int = _opt(10, "pid: steps between split updates")
-    pid_kp: float = _opt(0.5, "pid: proportional gain (fraction of the distance to the target split per update)")
+    balance_every: int = _opt(3, "pid: steps between split updates")
+    pid_kp: float = _opt(0.6, "pid: proportional gain (fraction of the distance to the target split per update)")
     pid_ki: float = _opt(0.05, "pid: integral gain")
-    pid_ema: float = _opt(0.3, "pid: weight of the newest throughput sample in the moving average")
+    pid_ema: float = _opt(0.6, "pid: weight of the newest throughput sample in the moving average")
     dead_band: float = _opt(0.05, "pid: no change while the ranks' step times differ by less than this fraction "
-                                    "(keep it above the step-time noise of one --balance-every window)")
+                                    "(keep it above the step-time noise of one --balance-every window; 4 ranks sharing 2 cores "
+                                    "show 0.17-0.21 even when identical)")
     max_change: float = _opt(0.25, "pid: largest change of one rank's batch per update, as a fraction of B/n")
     slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
     slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")

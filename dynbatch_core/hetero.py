@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,11 +33,14 @@ class SlowdownPlan:
             rows = _read_trace(trace)
         else:
             rows = [(0, tuple(slowdown) if slowdown is not None else (1.0,) * world_size)]
+        steps = [step for step, _ in rows]
+        if any(step < 0 for step in steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"slowdown trace steps must be distinct and >= 0, got {steps}")
         for step, factors in rows:
             if len(factors) != world_size:
                 raise ValueError(f"slowdown trace row at step {step} has {len(factors)} factors, "
                                  f"expected {world_size} (one per rank)")
-            if any(not k >= 1.0 for k in factors):
+            if any(not 1.0 <= k < math.inf for k in factors):
                 raise ValueError(f"slowdown factors must be >= 1 (1 = full speed), got {list(factors)} at step {step}")
         rows.sort(key=lambda row: row[0])
         if rows[0][0] != 0:
@@ -52,6 +56,9 @@ class SlowdownPlan:
 
 def _read_trace(trace: str) -> list[tuple[int, tuple[float, ...]]]:
     """Rows (step, factors) from a CSV file or an inline spec "step:k0,k1;step:k0,k1"."""
+    if ":" not in trace and not Path(trace).is_file():
+        raise ValueError(f"--slowdown-trace {trace!r}: no such file; expected a CSV file with rows step,k_0,...,k_n-1 "
+                         "or an inline spec like '0:1,1;100:1,3'")
     try:
         if Path(trace).is_file():
             with open(trace, newline="") as handle:

@@ -87,21 +87,21 @@ def test_slowdown_and_trace_together_are_refused():
         SlowdownPlan.from_options(2, slowdown=(1, 3), trace="0:1,3")
 
 
-# Known gaps in hetero.py (reported, not fixed here: hetero.py belongs to another change). Each test says what a
-# user would expect; strict xfail turns green the day the parser refuses these inputs.
-@pytest.mark.xfail(strict=True, reason="a negative step is accepted and leaves change_steps unsorted (0, -5)")
 def test_negative_trace_step_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="distinct and >= 0"):
         SlowdownPlan.from_options(2, trace="-5:1,2")
 
 
-@pytest.mark.xfail(strict=True, reason="two rows for one step are accepted; the later silently wins")
 def test_duplicate_trace_step_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="distinct and >= 0"):
         SlowdownPlan.from_options(2, trace="0:1,1;0:1,3")
 
 
-@pytest.mark.xfail(strict=True, reason="an infinite factor is accepted; the rank would sleep forever")
 def test_infinite_factor_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=">= 1"):
         SlowdownPlan.from_options(2, trace="0:1,1e400")
+
+
+def test_missing_trace_file_is_named():
+    with pytest.raises(ValueError, match="no such file"):
+        SlowdownPlan.from_options(2, trace="no-such-trace.csv")
