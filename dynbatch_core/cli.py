@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one run (spawns --world-size ranks, or joins torchrun's)",
                                 formatter_class=_DefaultsFormatter, epilog=_names_epilog())
     add_config_flags(train)
+    from .report import add_report_parser
+    add_report_parser(commands)
     return parser
 
 
@@ -102,6 +104,9 @@ def _explicit_flags(argv: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        from .report import main_report
+        return main_report(args)
     from .config import stored_config
     from .distributed import launched_by_torchrun
     from .launch import RunFailed, run, train_under_torchrun

@@ -193,12 +193,12 @@ def check_resume(config: RunConfig) -> None:
     if found[1]["world_size"] != config.world_size:
         raise ValueError(f"--resume {config.resume}: its checkpoint was written by {found[1]['world_size']} ranks, "
                          f"this run has --world-size {config.world_size}; resume with the same world size")
-    for field in dataclasses.fields(RunConfig):
-        if field.name in RESUME_MAY_CHANGE:
+    for option in dataclasses.fields(RunConfig):
+        if option.name in RESUME_MAY_CHANGE:
             continue
-        before, now = getattr(stored, field.name), getattr(config, field.name)
+        before, now = getattr(stored, option.name), getattr(config, option.name)
         if before != now:
-            raise ValueError(f"--resume {config.resume}: --{field.name.replace('_', '-')} was {before!r} in that "
+            raise ValueError(f"--resume {config.resume}: --{option.name.replace('_', '-')} was {before!r} in that "
                              f"run, now {now!r}; a resumed run may only change "
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
 

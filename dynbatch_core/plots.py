@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -79,7 +80,7 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
                      show_batch: bool = False) -> plt.Figure:
     """Test accuracy at the end of each epoch against cumulative training seconds, one curve per run.
 
-    show_batch: write each epoch's global batch next to its point and add a panel with the batch over time.
+    show_batch: add a panel with each run's global batch over time (and, for a single run, label each point).
     """
     runs = _runs(epochs)
     colours = _palette(runs)
@@ -92,13 +93,13 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
         for run in runs:
             part = epochs[epochs["run"] == run]
             ax.plot(part["wall_s"], part["test_acc"], marker="o", color=colours[run], label=run)
-            if show_batch:
+            if show_batch and len(runs) == 1:  # with several runs the labels collide; the panel below shows B
                 for x, y, batch in zip(part["wall_s"], part["test_acc"], part["global_batch"]):
                     ax.annotate(f"B={batch}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
                                 fontsize="x-small", color=colours[run],
                                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
                                       "alpha": 0.8})
-                # the batch holds from the start of its epoch (previous wall_s) to its end
+            if show_batch:  # the batch holds from the start of its epoch (previous wall_s) to its end
                 starts = [0.0] + list(part["wall_s"])
                 ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],
                               where="post", color=colours[run], label=run)
@@ -107,7 +108,7 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
         ax.legend(title="run", loc="lower right")
         if show_batch:
             ax_batch.set_yscale("log", base=2)
-            ax_batch.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax_batch.yaxis.set_major_formatter(ticker.ScalarFormatter())
             ax_batch.set_ylabel(BATCH_LABEL, fontsize="small")
             ax_batch.set_xlabel(TIME_LABEL)
             _pad_log_axis(ax_batch, epochs["global_batch"])
@@ -142,6 +143,9 @@ def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs trainin
             ax.axhline(target_loss, color="0.4", linestyle="--", linewidth=1,
                        label=f"target loss {target_loss:.3g}")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(TIME_LABEL)
         ax.set_ylabel(LOSS_LABEL + ", log scale")
         ax.set_xlim(left=0)
@@ -151,32 +155,28 @@ def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs trainin
     return fig
 
 
-def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch size over training") -> plt.Figure:
-    """Each rank's batch size at every step, one panel per run (balancer)."""
+def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch size over training",
+                            slowdown: Sequence[float] | None = None) -> plt.Figure:
+    """Each rank's batch size at every step, one panel per run (balancer); `slowdown` labels rank i with k_i."""
     runs = _runs(steps)
     ranks = sorted(steps["rank"].unique())
-    colours = _palette([f"rank {r}" for r in ranks])
+    names = {r: f"rank {r}" + (f" (k={slowdown[r]:g})" if slowdown is not None else "") for r in ranks}
+    colours = _palette(list(names.values()))
     with _theme():
         fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 4.2), sharey=True, squeeze=False)
         for ax, run in zip(axes[0], runs):
             part = steps[steps["run"] == run]
             for rank in ranks:
                 mine = part[part["rank"] == rank]
-                ax.plot(mine["step"], mine["batch_size"], color=colours[f"rank {rank}"], label=f"rank {rank}",
+                ax.plot(mine["step"], mine["batch_size"], color=colours[names[rank]], label=names[rank],
                         linewidth=1.4)
             ax.set_title(run)
             ax.set_xlabel(STEP_LABEL)
         axes[0][0].set_ylabel(RANK_BATCH_LABEL)
-        axes[0][-1].legend(title=_slowdown_legend_title(steps), loc="best")
+        axes[0][-1].legend(title="rank", loc="best")
         fig.suptitle(title)
         fig.tight_layout()
     return fig
-
-
-def _slowdown_legend_title(steps: pd.DataFrame) -> str:
-    if "slowdown" in steps:
-        return f"rank (slowdown {steps['slowdown'].iloc[0]})"
-    return "rank"
 
 
 def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
@@ -191,7 +191,7 @@ def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
 
 def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance efficiency over training",
                                   window: int = 10) -> plt.Figure:
-    """Balance efficiency per step (thin) and its `window`-step rolling mean (thick), one colour per run.
+    """Balance efficiency per step (thin) and its centred `window`-step rolling mean (thick), one colour per run.
 
     Efficiency = Σ_i compute_i / (n · max_i compute_i) (balance_metrics.balance_efficiency): 1 = nobody waited.
     """
@@ -203,8 +203,8 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
         for run in runs:
             part = table[table["run"] == run]
             ax.plot(part["step"], part["efficiency"], color=colours[run], alpha=0.25, linewidth=0.8)
-            ax.plot(part["step"], part["efficiency"].rolling(window, min_periods=1).mean(), color=colours[run],
-                    linewidth=2, label=run)
+            smooth = part["efficiency"].rolling(window, min_periods=1, center=True).mean()
+            ax.plot(part["step"], smooth, color=colours[run], linewidth=2, label=run)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(EFFICIENCY_LABEL)
@@ -233,7 +233,10 @@ def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFr
             rows.append({"slowest": slowest, "slowdown": slowdown, "balancer": row.balancer,
                          "samples_per_s": row.samples_per_s, "speedup": row.samples_per_s / base.iloc[0],
                          "ceiling": ceiling_speedup(vector)})
-    return pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
+    order = {name: i for i, name in enumerate(dict.fromkeys(epochs["balancer"]))}  # as the notebook ran them
+    table = pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
+    return table.sort_values(["slowest", "balancer"], key=lambda col: col.map(order) if col.name == "balancer"
+                             else col, ignore_index=True)
 
 
 def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balancing vs the slowest rank's slowdown"
@@ -242,19 +245,21 @@ def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balanc
     balancers = list(dict.fromkeys(table["balancer"]))
     colours = _palette(balancers)
     with _theme():
-        fig, ax = plt.subplots(figsize=(7, 4.8))
+        fig, ax = plt.subplots(figsize=(9, 4.8))
         ceiling = table.drop_duplicates("slowest").sort_values("slowest")
-        ax.plot(ceiling["slowest"], ceiling["ceiling"], color="0.3", linestyle="--", marker="_", markersize=14,
-                label="ceiling mean(speed)/min(speed)")
+        ax.plot(ceiling["slowest"], ceiling["ceiling"], color="0.3", linestyle="--", marker="_", markersize=22,
+                markeredgewidth=2, label="ceiling mean(speed)/min(speed)")
         for balancer in balancers:
             part = table[table["balancer"] == balancer].sort_values("slowest")
             ax.plot(part["slowest"], part["speedup"], marker="o", color=colours[balancer], label=balancer)
-        ax.set_xticks(sorted(table["slowest"].unique()))
+        slowest = sorted(table["slowest"].unique())
+        ax.set_xticks(slowest)
+        ax.set_xlim(min(slowest) - 0.5, max(slowest) + 0.5)
         ax.set_xlabel(SLOWDOWN_LABEL)
         ax.set_ylabel(SPEEDUP_LABEL)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(table["ceiling"].max(), table["speedup"].max()) * 1.15)
         ax.set_title(title)
-        ax.legend(title="balancer", loc="upper left")
+        ax.legend(title="balancer", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         fig.tight_layout()
     return fig
 

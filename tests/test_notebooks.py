@@ -60,6 +60,15 @@ def test_notebook_defaults_write_to_scratch_folders_not_the_committed_report(nam
     assert defaults["runs_dir"]["default"].strip("\"'").startswith("runs/")
 
 
+@pytest.mark.parametrize("name", report.NOTEBOOKS)
+def test_papermill_sees_every_parameter_the_parameters_cell_assigns(name):
+    import ast
+    import papermill
+    cell = next(c for c in _load(name).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [node.targets[0].id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)]
+    assert list(papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))) == assigned
+
+
 @pytest.mark.parametrize("parameter_set", ["report", "full"])
 @pytest.mark.parametrize("name", report.NOTEBOOKS)
 def test_parameter_file_sets_only_parameters_the_notebook_has(name, parameter_set):
@@ -70,6 +79,23 @@ def test_parameter_file_sets_only_parameters_the_notebook_has(name, parameter_se
     assert set(values) <= set(names), set(values) - set(names)
     assert "output_dir" not in values and "runs_dir" not in values  # the report command chooses those
     RunConfig.from_dict(values.get("config_overrides", {}))  # unknown RunConfig fields raise
+
+
+def test_4gpu_checked_output_is_the_schedule_its_defaults_imply():
+    import ast
+    import papermill
+    from dynbatch_core import build_schedule
+    defaults = {name: ast.literal_eval(info["default"])
+                for name, info in papermill.inspect_notebook(str(NOTEBOOK_DIR / "4gpu.ipynb")).items()
+                if name in ("schedules", "epochs", "every", "min_batch", "max_batch")}
+    expected = {}
+    for name in ("static", "increasing", "decreasing"):
+        schedule = build_schedule(name, initial_batch=defaults["schedules"][name], min_batch=defaults["min_batch"],
+                                  max_batch=defaults["max_batch"], every=defaults["every"])
+        expected[name] = [schedule.decide(epoch, []).global_batch for epoch in range(defaults["epochs"])]
+    checked = [cell for cell in _load("4gpu").cells if "NBVAL_CHECK_OUTPUT" in cell.source]
+    assert len(checked) == 1 and checked[0].execution_count is not None  # nbval skips unrun cells
+    assert checked[0].outputs[0]["text"] == f"{expected}\n"
 
 
 # -------------------------------------------------------------------------------------- helpers behind figures
@@ -113,11 +139,13 @@ def test_save_figure_writes_png_and_csv_and_leaves_no_temporary_files(tmp_path):
 
 def test_probe_outcome_reports_a_dip_when_accuracy_falls_as_the_batch_drops_back():
     epochs = pd.DataFrame({"epoch": range(6), "global_batch": [16, 32, 64, 128, 16, 16],
-                           "test_acc": [0.8, 0.85, 0.88, 0.9, 0.86, 0.91], "wall_s": range(1, 7)})
+                           "test_acc": [0.8, 0.85, 0.88, 0.9, 0.86, 0.91], "wall_s": range(1, 7),
+                           "train_loss": [0.5, 0.3, 0.25, 0.2, 0.22, 0.18], "epoch_s": 1.0})
     outcome = report.probe_outcome(epochs, [16, 32, 64, 128])
     assert outcome["chosen_batch"] == 16 and outcome["dropped"] and outcome["dip_points"] == pytest.approx(4.0)
     findings, comparison = report.describe_probe(epochs, [16, 32, 64, 128])
-    assert "a dip" in findings[-1] and comparison[0].startswith("Like the class study")
+    assert "0.900 → 0.860 → 0.910" in findings[-1] and "a dip of 4.0 points" in findings[-1]
+    assert comparison[0].startswith("Like the class study")
 
 
 # ------------------------------------------------------------------------------------------- papermill smoke runs
