@@ -256,11 +256,8 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
     _check_rank_list("--rank-weights", config.rank_weights, config.world_size, 1e-12, "> 0")
     _check_rank_list("--slowdown", config.slowdown, config.world_size, 1.0, ">= 1 (1 = full speed, 3 = 3x slower)")
-    if config.slowdown is not None and config.slowdown_trace is not None:
-        raise ValueError("give either --slowdown or --slowdown-trace, not both")
-    if config.slowdown_trace is not None:
-        from .hetero import SlowdownPlan
-        SlowdownPlan.from_options(config.world_size, trace=config.slowdown_trace)
+    from .hetero import SlowdownPlan
+    SlowdownPlan.from_options(config.world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
     if config.rank_weights is not None and config.balancer_name != "weights":
         raise ValueError(f"--rank-weights applies to the weights balancer, not {config.balancer_name!r}")
     min_batch = config.min_batch if config.min_batch is not None else config.world_size

@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
 from .config import RunConfig, validate_config
@@ -175,6 +176,5 @@ def _run_label(config: RunConfig) -> str:
 def _device_line(device_kind: str, asked: str, ranks_here: int, threads: int | None) -> str:
     if device_kind == "cuda":
         return "CUDA (NCCL, one GPU per rank)"
-    import torch
     reason = " (fewer GPUs visible than ranks)" if asked == "auto" and torch.cuda.is_available() else ""
     return f"CPU (gloo){reason}, {threads or threads_per_rank(ranks_here)} thread(s) per rank"

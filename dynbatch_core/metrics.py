@@ -62,11 +62,12 @@ class ProgressFile:
     def __init__(self, path: Path, every_s: float = 1.0):
         self.path, self.every_s, self.last = Path(path), every_s, 0.0
 
-    def report(self, final: bool = False, **values) -> None:
-        now = time.monotonic()
-        if final or now - self.last >= self.every_s:
-            self.last = now
-            write_json(self.path, values)
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def report(self, **values) -> None:
+        self.last = time.monotonic()
+        write_json(self.path, values)
 
     def read(self) -> dict | None:
         try:

@@ -157,14 +157,14 @@ class RankTrainer:
             progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
-            if self.rank == 0:
+            last_step = not self.steps_left() or (epoch + 1 == config.epochs and self.sampler.remaining == 0)
+            if self.rank == 0 and (last_step or self.progress_file.due()):
                 steps_per_epoch = math.ceil(len(self.train_set) / decision.global_batch)
                 total = progress.global_step + math.ceil(self.sampler.remaining / decision.global_batch) \
                     + (config.epochs - epoch - 1) * steps_per_epoch
                 self.progress_file.report(
                     epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
-                    split=result.rank_batches, total_steps=min(total, config.max_steps or total),
-                    final=not self.steps_left() or (epoch + 1 == config.epochs and self.sampler.remaining == 0))
+                    split=result.rank_batches, total_steps=min(total, config.max_steps or total))
             if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                     and self.sampler.remaining > 0:
                 progress.epoch_elapsed_s += time.perf_counter() - segment_started
