@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core.data import collate_batch, load_datasets  # noqa: E402
-from dynbatch_core.distributed import free_port, threads_per_rank  # noqa: E402
+from dynbatch_core.distributed import LoopbackStore, init_process_group, threads_per_rank  # noqa: E402
 from dynbatch_core.models import build_model  # noqa: E402
 from dynbatch_core.sampler import DynamicBatchSampler  # noqa: E402
 from dynbatch_core.step import GradientSync, train_step  # noqa: E402
@@ -70,7 +70,7 @@ def plain_ddp_round(ddp_model, optimizer, dataset, world_size, global_batch, ste
 
 def worker(rank, args, address, results):
     torch.set_num_threads(threads_per_rank(args.world_size))
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=args.world_size)
+    init_process_group("cpu", rank, args.world_size, address, timeout_s=300)
     train, _, _ = load_datasets("mnist", data_dir=args.data_dir, train_samples=args.steps * args.batch_size * 2,
                                 test_samples=100)
     torch.manual_seed(0)
@@ -107,7 +107,8 @@ def main() -> None:
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.spawn(worker, args=(args, f"tcp://127.0.0.1:{free_port()}", results), nprocs=args.world_size, join=True)
+    store = LoopbackStore()  # kept alive while the ranks run
+    mp.spawn(worker, args=(args, store.address, results), nprocs=args.world_size, join=True)
     table = pd.DataFrame(results.get())
     table["ratio"] = table.engine_samples_per_s / table.plain_ddp_samples_per_s
     median_ratio = statistics.median(table.ratio)

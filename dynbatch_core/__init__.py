@@ -5,8 +5,9 @@
     result.epochs
 
 Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_batch_loss and GradientSync
-(step.py), the balancers (balancers.py) and schedules (schedules.py).
+(step.py), the balancers (balancers.py) and schedules (schedules.py), decided_by_rank0 (agreement.py).
 """
+from .agreement import check_ranks_agree, decided_by_rank0
 from .balancers import BALANCERS, Balancer, build_balancer, largest_remainder_split
 from .config import RunConfig, validate_config
 from .data import DATASET_NAMES, load_datasets
@@ -21,4 +22,5 @@ from .launch import RunFailed, run
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
            "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
-           "GradientSync", "train_step", "uneven_batch_loss", "run", "RunFailed"]
+           "GradientSync", "train_step", "uneven_batch_loss", "run", "RunFailed", "decided_by_rank0",
+           "check_ranks_agree"]

@@ -6,7 +6,8 @@
     balancer.end_epoch()                                 # after the last step of every epoch
 
 Every rank holds its own balancer and feeds it the same all-gathered measurements (each rank's compute time and
-batch size of the last step, never its wait time), so every rank decides the same split without talking. Sizes are
+batch size of the last step, never its wait time). The training loop uses rank 0's split, broadcast to all ranks
+(agreement.decided_by_rank0): equal inputs give equal float results only on identical math libraries. Sizes are
 integers >= min_rank_batch (and <= max_rank_batch when given, the memory guard) rounded by largest remainder from
 float shares, so any B can be split at any time:
 
@@ -15,6 +16,8 @@ float shares, so any B can be split at any time:
     dbs        shares = each rank's samples/s over the previous epoch (Ye et al. 2020); equal in the first epoch
     pid        every balance_every steps, shares move towards the measured throughput shares with a PI
                controller, a dead band on the ranks' step-time spread and a cap on each move (Tyagi & Sharma 2020)
+    model      per-rank affine step-time fits t_i(b) = a_i + c_i b and the exact integer split minimising the
+               slowest rank's predicted time, held until a new split beats it by more than the fits' noise
 
 state_dict() is plain Python (floats, ints, lists) and holds everything a balancer learned, including a
 half-filled measurement window: a restored balancer makes exactly the decisions the original would.
@@ -22,7 +25,10 @@ half-filled measurement window: a restored balancer makes exactly the decisions 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Sequence
+
+from .cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s, proportional_fit, residual_spread_s
 
 
 def largest_remainder_split(total: int, weights: Sequence[float], *, min_size: int = 1,
@@ -72,6 +78,10 @@ class Balancer:
 
     def end_epoch(self) -> None:
         """Called on every rank after the last step of an epoch."""
+
+    def cost_line(self, rank: int) -> AffineCost | None:
+        """The fitted step-time line of `rank`, for balancers that model one."""
+        return None
 
     def state_dict(self) -> dict:
         return {"balancer": self.name, "world_size": self.world_size}
@@ -251,8 +261,133 @@ class PIDBalancer(Balancer):
         self.window.load_state_dict(state["window"])
 
 
+CHANGE_STEPS = 3         # model: this many outlying steps in a row on one side mean the rank's speed changed
+CHANGE_FLOOR = 0.15      # model: an outlier lies at least this fraction of the prediction off it
+MIN_BATCH_SPREAD = 0.1   # model: refit a rank's line only when its window's batches spread over this share of b
+
+
+class ModelBalancer(Balancer):
+    """Fit each rank's step time t_i(b) = a_i + c_i b and solve for the split (LB-BSP, Cannikin), see cost_model.py.
+
+    After every step, rank i's (b_i, compute_s_i) joins a sliding window of its last model_window points, to which
+    a Theil-Sen line is fitted (before the window holds two batch sizes: t = c b through the origin).
+      fit       refitted only while the window's batch sizes spread over >= 10 % of b (and >= 2 samples): a slope
+                from sizes close together is mostly timing noise, so otherwise the last well-spread line stays.
+      change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
+                prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
+                measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost) and its
+                window restarts from those points.
+      split     the exact integer min-max split of B on the lines (cost_model.min_max_split).
+      hold      the split in use changes only when the new one's predicted step time beats it by more than the
+                largest residual spread (hysteresis in the model's own units), so timing noise does not move it.
+      spread    while some rank's line is not yet affine (its points hold one batch size), every other step moves one
+                sample between two ranks chosen from the step count (never a random draw): every rank and every
+                resumed run do the same.
+    `lines` and `predicted_step_s(split)` expose the model (the adaptive global batch uses it to price other B).
+    """
+
+    name = "model"
+    options = ("model_window",)
+
+    def __init__(self, world_size: int, *, model_window: int = 24, **bounds):
+        super().__init__(world_size, **bounds)
+        if model_window < 3:
+            raise ValueError(f"model balancer: model_window={model_window} must be >= 3 steps")
+        self.model_window = model_window
+        self.points: list[list[tuple[float, float]]] = [[] for _ in range(world_size)]
+        self.lines: list[AffineCost | None] = [None] * world_size
+        self.affine = [False] * world_size       # the line came from two or more batch sizes
+        self.spreads = [0.0] * world_size        # residual spread of each rank's window around its line, seconds
+        self.outliers = [0] * world_size         # consecutive same-side outlying steps (+ slower, - faster)
+        self.steps = 0
+        self.held: list[int] | None = None       # the split in use
+
+    def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
+        self.steps += 1
+        for rank, (seconds, batch) in enumerate(zip(compute_s, rank_batches)):
+            self._observe_rank(rank, float(batch), float(seconds))
+
+    def _observe_rank(self, rank: int, batch: float, seconds: float) -> None:
+        window, line = self.points[rank], self.lines[rank]
+        window.append((batch, seconds))
+        del window[:-self.model_window]
+        if line is not None and len(window) > CHANGE_STEPS:
+            predicted = line.time_s(batch)
+            residual = seconds - predicted
+            if abs(residual) > max(4 * self.spreads[rank], CHANGE_FLOOR * predicted):
+                side = 1 if residual > 0 else -1
+                self.outliers[rank] = self.outliers[rank] + side if self.outliers[rank] * side > 0 else side
+            else:
+                self.outliers[rank] = 0
+            if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale, restart the window
+                recent = window[-CHANGE_STEPS:]
+                ratio = statistics.median(t / max(line.time_s(b), 1e-12) for b, t in recent)
+                self.lines[rank], self.points[rank], self.outliers[rank] = line.scaled(ratio), list(recent), 0
+                self.spreads[rank] = residual_spread_s(recent, self.lines[rank])
+                return
+        batches = [b for b, _ in window]
+        # A slope from batch sizes close together is mostly timing noise: refit only on a wide enough spread,
+        # else keep the last line fitted on one.
+        wide = max(batches) - min(batches) >= max(2.0, MIN_BATCH_SPREAD * statistics.median(batches))
+        fitted = fit_affine(window) if wide else None
+        if fitted is not None:
+            self.lines[rank], self.affine[rank] = fitted, True
+        elif line is None:
+            self.lines[rank] = proportional_fit(window)
+        if self.lines[rank] is not None:
+            self.spreads[rank] = residual_spread_s(window, self.lines[rank])
+
+    def cost_line(self, rank: int) -> AffineCost | None:
+        return self.lines[rank]
+
+    def predicted_step_s(self, split: Sequence[int]) -> float:
+        """The slowest rank's predicted compute seconds for `split` (inf before every rank has a line)."""
+        if any(line is None for line in self.lines):
+            return math.inf
+        return predicted_step_s(split, self.lines)
+
+    def split(self, global_batch: int) -> list[int]:
+        if any(line is None for line in self.lines):
+            return super().split(global_batch)
+        best = min_max_split(global_batch, self.lines, min_size=self.min_rank_batch, max_size=self.max_rank_batch)
+        held = self.held
+        if held is None or sum(held) != global_batch or \
+                self.predicted_step_s(best) < self.predicted_step_s(held) - max(self.spreads):
+            self.held = held = best
+        if all(self.affine):
+            return list(held)
+        return self._spread(held)
+
+    def _spread(self, split: list[int]) -> list[int]:
+        """Every other step, one sample from rank j to rank i, (i, j) from the step count."""
+        split = list(split)
+        if self.steps % 2 == 0 or self.world_size < 2:
+            return split
+        receiver = (self.steps // 2) % self.world_size
+        giver = (receiver + 1) % self.world_size
+        upper = math.inf if self.max_rank_batch is None else self.max_rank_batch
+        if split[giver] > self.min_rank_batch and split[receiver] < upper:
+            split[giver] -= 1
+            split[receiver] += 1
+        return split
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "points": [[list(p) for p in window] for window in self.points],
+                "lines": [[] if line is None else [line.a_s, line.c_s] for line in self.lines],
+                "affine": list(self.affine), "spreads": list(self.spreads), "outliers": list(self.outliers),
+                "steps": self.steps, "held": [] if self.held is None else list(self.held)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.points = [[(float(b), float(t)) for b, t in window] for window in state["points"]]
+        self.lines = [AffineCost(*line) if line else None for line in state["lines"]]
+        self.affine, self.spreads = list(state["affine"]), list(state["spreads"])
+        self.outliers, self.steps = list(state["outliers"]), state["steps"]
+        self.held = list(state["held"]) or None
+
+
 BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (EqualBalancer, WeightsBalancer, DBSBalancer,
-                                                                   PIDBalancer)}
+                                                                   PIDBalancer, ModelBalancer)}
 
 
 def build_balancer(name: str, world_size: int, *, rank_weights: Sequence[float] | None = None,

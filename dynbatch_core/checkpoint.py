@@ -6,7 +6,9 @@
 
 Layout: run_dir/checkpoints/step-00000120/rank{r}.pt, and run_dir/checkpoints/latest.json naming the newest folder
 in which *every* rank's file is complete (rank 0 writes it after a barrier, by atomic rename), so a run killed
-while writing resumes from the previous checkpoint. The two newest checkpoints are kept.
+while writing resumes from the previous checkpoint. latest.json also lists the KEEP = 2 most recently published
+folders; those are kept, and every other folder older than the newest is deleted (see prune_checkpoints), so a
+partial folder left by a failed attempt never takes the place of a published checkpoint.
 
 Payloads hold only tensors and plain containers, so they load with torch.load(..., weights_only=True).
 """
@@ -41,10 +43,40 @@ def save_checkpoint(run_dir: Path, *, rank: int, world_size: int, step: int, pay
     write_atomic(folder / f"rank{rank}.pt", lambda tmp: torch.save(payload, tmp))
     dist.barrier()
     if rank == 0:
-        write_json(checkpoints_root(run_dir) / "latest.json",
-                   {"folder": folder.name, "step": step, "world_size": world_size})
-        for old in sorted(p for p in checkpoints_root(run_dir).glob("step-*") if p.is_dir())[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        root = checkpoints_root(run_dir)
+        published = ([name for name in _published(root) if name != folder.name] + [folder.name])[-KEEP:]
+        write_json(root / "latest.json",
+                   {"folder": folder.name, "step": step, "world_size": world_size, "published": published})
+        prune_checkpoints(root, published)
+
+
+def prune_checkpoints(root: Path, published: list[str], keep: int = KEEP) -> None:
+    """Keep the `keep` most recently published folders (`published` lists them oldest first) and delete every other
+    step-* folder older than the newest of them: older checkpoints and partial folders of failed attempts alike.
+    Folders newer than it (a failed attempt's partial one, which the run overwrites when it gets there) stay."""
+    kept = published[-keep:]
+    newest = _step_of(kept[-1])
+    for folder in Path(root).glob("step-*"):
+        step = _step_of(folder.name)
+        if folder.is_dir() and folder.name not in kept and step is not None and step < newest:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _step_of(name: str) -> int | None:
+    try:
+        return int(name.removeprefix("step-"))
+    except ValueError:
+        return None
+
+
+def _published(root: Path) -> list[str]:
+    """The published folders named by latest.json, oldest first ([] without a readable pointer; a pointer written
+    before the list was recorded names only its own folder)."""
+    try:
+        meta = json.loads((root / "latest.json").read_text())
+        return [str(name) for name in meta.get("published", [meta["folder"]])]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:

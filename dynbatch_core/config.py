@@ -63,7 +63,8 @@ class RunConfig:
                                       "is given, else equal)")
     rank_weights: tuple[float, ...] | None = _opt(None, "fixed per-rank shares for the weights balancer, e.g. 3,13",
                                                   list_of=float)
-    max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard)")
+    max_rank_batch: int | None = _opt(None, "largest batch any one rank may hold (memory guard); also caps the "
+                                             "global batch at world size x this")
     balance_every: int = _opt(3, "pid: steps between split updates")
     pid_kp: float = _opt(0.6, "pid: proportional gain (fraction of the distance to the target split per update)")
     pid_ki: float = _opt(0.05, "pid: integral gain")
@@ -72,11 +73,15 @@ class RunConfig:
                                     "(keep it above the step-time noise of one --balance-every window; 4 ranks sharing 2 cores "
                                     "show 0.17-0.21 even when identical)")
     max_change: float = _opt(0.25, "pid: largest change of one rank's batch per update, as a fraction of B/n")
+    model_window: int = _opt(24, "model: steps of each rank's (batch, compute time) history its step-time line is "
+                                 "fitted to")
     slowdown: tuple[float, ...] | None = _opt(None, "emulate rank i being k_i times slower, e.g. 1,3", list_of=float)
     slowdown_trace: str | None = _opt(None, "slowdown over time: CSV file (step,k_0,...) or inline '0:1,1;100:1,3'")
     emulated_sample_ms: float | None = _opt(None, "emulate compute: a 1x rank takes exactly this many ms per "
                                                    "sample (times its slowdown); makes balancer decisions "
                                                    "independent of timing noise")
+    emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "
+                                                 "(times the slowdown): step time = (step_ms + b x sample_ms) x k")
     optimizer: str = _opt("sgd", "sgd or adam")
     lr: float = _opt(0.05, "learning rate at the initial batch size")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -148,13 +153,19 @@ def _check_writable(out: str | None) -> None:
 
 SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
                     "probe_sizes", "smith_epochs", "smith_factor")
-BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change")
+BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change", "model_window")
 
 
 def schedule_options(config: RunConfig) -> dict:
+    """The schedule's options. --max-rank-batch bounds the global batch too: B never exceeds world_size x
+    max_rank_batch (an implied --max-batch), so a schedule that grows B cannot outgrow what the ranks may hold."""
+    max_batch = config.max_batch
+    if config.max_rank_batch is not None:
+        cap = config.world_size * config.max_rank_batch
+        max_batch = cap if max_batch is None else min(max_batch, cap)
     return {"initial_batch": config.batch_size,
             "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
-            "max_batch": config.max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
+            "max_batch": max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
 
 
 def balancer_options(config: RunConfig) -> dict:
@@ -162,7 +173,8 @@ def balancer_options(config: RunConfig) -> dict:
             **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
 
 
-# Fields a resumed run may change: they do not alter the computation of the steps already taken.
+# Fields a resumed run may change: they do not alter the computation of the steps already taken (a CPU checkpoint
+# may continue on GPUs: only the summation order changes).
 RESUME_MAY_CHANGE = {"threads", "epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
                      "overwrite", "resume", "data_dir", "download", "device"}
 
@@ -178,6 +190,10 @@ def stored_config(run_dir: str | Path) -> RunConfig:
         raise ValueError(f"--resume {run_dir}: config.json is corrupt ({error})") from None
     values.pop("resolved", None)
     return RunConfig.from_dict(values)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def check_resume(config: RunConfig) -> None:
@@ -197,7 +213,7 @@ def check_resume(config: RunConfig) -> None:
         if option.name in RESUME_MAY_CHANGE:
             continue
         before, now = getattr(stored, option.name), getattr(config, option.name)
-        if before != now:
+        if _as_tuple(before) != _as_tuple(now):  # config.json stores (16, 32) as [16, 32]; the API may pass either
             raise ValueError(f"--resume {config.resume}: --{option.name.replace('_', '-')} was {before!r} in that "
                              f"run, now {now!r}; a resumed run may only change "
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
@@ -239,6 +255,9 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:
         raise ValueError(f"--emulated-sample-ms must be > 0, got {config.emulated_sample_ms}")
+    if config.emulated_step_ms is not None and (config.emulated_sample_ms is None or not config.emulated_step_ms >= 0):
+        raise ValueError(f"--emulated-step-ms must be >= 0 and needs --emulated-sample-ms, got "
+                         f"{config.emulated_step_ms} with --emulated-sample-ms {config.emulated_sample_ms}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
     for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
@@ -265,9 +284,10 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--min-batch {min_batch} is smaller than --world-size {config.world_size}")
     if config.max_batch is not None and config.max_batch < max(min_batch, config.batch_size):
         raise ValueError(f"--max-batch {config.max_batch} is smaller than --batch-size/--min-batch")
-    if config.max_rank_batch is not None and config.max_rank_batch * config.world_size < config.batch_size:
+    if config.max_rank_batch is not None and config.max_rank_batch * config.world_size < max(config.batch_size,
+                                                                                             min_batch):
         raise ValueError(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks cannot hold "
-                         f"--batch-size {config.batch_size}")
+                         f"--batch-size {config.batch_size} / --min-batch {min_batch}")
     if config.sync_bn and config.norm != "batch":
         raise ValueError("--sync-bn needs --norm batch")
     if config.schedule == "smith" and config.lr_scaling != "none":

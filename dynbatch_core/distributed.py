@@ -1,8 +1,15 @@
-"""Process-group plumbing: which device, which backend, which port, and who am I under torchrun.
+"""Process-group plumbing: which device, which backend, the rendezvous store, and who am I under torchrun.
 
     check_device("auto", world_size=2)          # ValueError if "cuda" is asked for without enough GPUs
     device_kind = resolve_device("auto", 2)     # "cuda" when >= 2 GPUs are visible, else "cpu"
-    address = f"tcp://127.0.0.1:{free_port()}"
+    store = LoopbackStore()                     # launcher: the rendezvous store, listening on 127.0.0.1 only
+    init_process_group("cpu", rank, world_size, store.address, timeout_s=300)   # in each spawned rank
+
+Spawned runs never listen beyond this machine. torch's TCPStore binds every interface even when given
+"127.0.0.1", and the store is unauthenticated; so the launcher binds a loopback socket itself (port 0: the port is
+never free between choosing and binding it) and hands the listening descriptor to the store. Each rank pins gloo
+(and NCCL's bootstrap) to the loopback interface, whatever this machine's hostname resolves to. torchrun runs keep
+torchrun's own rendezvous: multi-node needs the network, so they belong on a trusted network.
 """
 from __future__ import annotations
 
@@ -48,11 +55,48 @@ def threads_per_rank(local_world_size: int) -> int:
     return max(1, cpu_cores() // max(1, local_world_size))
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+LOOPBACK_HOST = "127.0.0.1"
+LOOPBACK_PREFIX = "tcp://127.0.0.1:"   # the address the launcher hands to spawned ranks
+
+
+class LoopbackStore:
+    """The launcher's rendezvous store for spawned ranks: a TCPStore on a socket bound to 127.0.0.1, port 0."""
+
+    def __init__(self, timeout_s: float = 300.0):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((LOOPBACK_HOST, 0))
+            listener.listen(128)
+            self.port = listener.getsockname()[1]
+        except BaseException:
+            listener.close()
+            raise
+        # The store owns the descriptor from here on (it closes it).
+        self.store = dist.TCPStore(LOOPBACK_HOST, self.port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                                   wait_for_workers=False, master_listen_fd=listener.detach())
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK_PREFIX}{self.port}"
+
+
+def loopback_interface() -> str:
+    """The name of the loopback network interface ("lo" on Linux, "lo0" on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in ("lo", "lo0"):
+        if name in names:
+            return name
+    candidates = [name for name in names if name.startswith("lo")]
+    if not candidates:
+        raise RuntimeError(f"no loopback network interface found among {names}")
+    return candidates[0]
+
+
+def pin_to_loopback() -> None:
+    """Make gloo and NCCL's bootstrap listen on the loopback interface only (a spawned, single-machine run)."""
+    interface = loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = interface
+    os.environ["NCCL_SOCKET_IFNAME"] = interface
 
 
 def launched_by_torchrun() -> bool:
@@ -69,11 +113,17 @@ def torchrun_identity() -> tuple[int, int, int, int]:
 
 
 def init_process_group(device_kind: str, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
+    """Join the group: a spawned rank joins the launcher's LoopbackStore (init_method "tcp://127.0.0.1:PORT"),
+    a torchrun rank joins torchrun's store (init_method "env://")."""
     backend = "nccl" if device_kind == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if init_method != "env://":
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    if init_method.startswith(LOOPBACK_PREFIX):
+        pin_to_loopback()
+        store = dist.TCPStore(LOOPBACK_HOST, int(init_method[len(LOOPBACK_PREFIX):]), None, False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         return
+    if init_method != "env://":
+        raise ValueError(f"unsupported init_method {init_method!r}: expected env:// or {LOOPBACK_PREFIX}PORT")
     # Under torchrun the rendezvous store outlives a restart of the group; without a per-attempt namespace the
     # new ranks would read the dead ranks' addresses and fail to connect.
     store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))

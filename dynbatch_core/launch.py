@@ -6,7 +6,12 @@
 
 A run either finishes or fails as a whole: when any rank raises or dies, run() stops the others at once and raises
 RunFailed naming the rank and its traceback; Ctrl-C (or Jupyter's "interrupt kernel") stops every rank; collectives
-give up after --timeout-s. Ranks also die with the parent process, so a killed kernel leaves no orphans.
+give up after --timeout-s. Ranks also die with the parent process, so a killed kernel leaves no orphans: each rank
+asks the kernel for SIGKILL when its parent dies (Linux), checks right after that its parent is still the launcher
+(closing the window while it was importing), and a watchdog thread checks again every half second (any platform).
+
+Spawned ranks rendezvous through a store the launcher owns on 127.0.0.1 and talk over the loopback interface only
+(distributed.LoopbackStore): nothing of a spawned run listens on the network.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +29,7 @@ import torch.multiprocessing as mp
 
 from .config import RunConfig, validate_config
 from .console import log
-from .distributed import free_port, resolve_device, threads_per_rank, torchrun_identity
+from .distributed import LoopbackStore, resolve_device, threads_per_rank, torchrun_identity
 from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
 from .rundir import git_commit, prepare_run_dir
 from .train import train_worker
@@ -45,10 +52,13 @@ def run(config: RunConfig) -> RunResult:
     log(f"data: {data_source}")
     log(f"{config.world_size} rank(s) on {_device_line(device_kind, config.device, config.world_size, config.threads)}; "
         f"run folder {run_dir}" + (" (resuming)" if config.resume else ""))
-    init_method = f"tcp://127.0.0.1:{free_port()}"
+    cap = implied_batch_cap(config)
+    if cap is not None:
+        log(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks caps the global batch at {cap}")
+    store = LoopbackStore(timeout_s=config.timeout_s)  # lives as long as the ranks: they rendezvous through it
     # OpenMP threads spin while waiting by default; on a shared CPU that made steps up to 25x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), init_method, device_kind),
+    context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), store.address, device_kind, os.getpid()),
                                  nprocs=config.world_size, join=False, start_method="spawn")
     bar = _RunProgressBar(config, run_dir)
     try:
@@ -63,6 +73,7 @@ def run(config: RunConfig) -> RunResult:
     finally:  # also on KeyboardInterrupt: no rank outlives run()
         _stop(context.processes)
         bar.close()
+        del store
     return read_run(run_dir)
 
 
@@ -101,20 +112,35 @@ def _has_checkpoint(run_dir: str) -> bool:
     return Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None
 
 
-def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str) -> None:
+def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str,
+                    launcher_pid: int) -> None:
+    _die_with_parent(launcher_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
-    _die_with_parent()
     train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
                  init_method=init_method, device_kind=device_kind, draw_progress=False)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies (a killed notebook kernel must not leave ranks behind)."""
+def _die_with_parent(launcher_pid: int, every_s: float = 0.5) -> None:
+    """Never outlive the launcher (a killed notebook kernel must not leave ranks behind).
+
+    Linux sends SIGKILL when the parent dies, but only from the moment it is asked; the launcher may have died while
+    this process was still importing, so check the parent right after asking, and keep checking from a watchdog
+    thread (which also covers platforms without the death signal).
+    """
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+    if os.getppid() != launcher_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dynbatch-parent-watchdog", daemon=True).start()
 
 
 class _RunProgressBar:
@@ -167,6 +193,15 @@ def _open_run_dir(config: RunConfig, device_kind: str) -> Path:
     write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {
         "balancer": config.balancer_name, "device": device_kind, "git_commit": git_commit()}})
     return run_dir
+
+
+def implied_batch_cap(config: RunConfig) -> int | None:
+    """world_size x --max-rank-batch when it, not --max-batch, bounds a schedule that can grow the global batch."""
+    from .config import schedule_options
+    if config.max_rank_batch is None or config.schedule in ("static", "decreasing"):
+        return None
+    cap = config.world_size * config.max_rank_batch
+    return cap if schedule_options(config)["max_batch"] == cap and config.max_batch != cap else None
 
 
 def _run_label(config: RunConfig) -> str:

@@ -65,7 +65,9 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         self._order: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` from its first sample (call before iterating)."""
+        """Select epoch `epoch` (call before iterating). A different epoch than the current one starts at its first
+        sample; the current epoch continues from its cursor (where load_state_dict or an unfinished iteration left
+        it), so a resumed run can call set_epoch as usual; a finished current epoch starts over at its first sample."""
         if epoch != self.epoch or self.cursor >= self.num_samples:
             self.epoch, self.cursor, self.steps_in_epoch = epoch, 0, 0
         self._order = None

@@ -5,8 +5,9 @@
     decision.global_batch, decision.lr_factor              # -> 64, 1.0
     # after each epoch: history.append(EpochSummary(...)); schedule.decide(epoch + 1, history)
 
-A schedule sees only the per-epoch summaries (global batch, train loss, epoch seconds) that every rank holds
-identically, so every rank decides the same B. `lr_factor` lets a schedule decay the learning rate on top of the
+A schedule sees only the per-epoch summaries (global batch, train loss, epoch seconds: the slowest rank's). The
+training loop asks rank 0's schedule and broadcasts its answer (agreement.decided_by_rank0), so every rank trains
+the same B even where clocks or math libraries differ. `lr_factor` lets a schedule decay the learning rate on top of the
 batch-size scaling (Smith et al.'s rule needs it); the training loop multiplies it in. Every B is clamped to
 [min_batch, max_batch].
 
@@ -22,8 +23,9 @@ for every schedule is in its class docstring:
     probe           one epoch at each of probe_sizes, then the one with the fastest log-loss decrease per second
     smith           multiply B by smith_factor at each of smith_epochs; past max_batch decay the LR instead
 
-Because the decisions live in the history, state_dict() only records which schedule it was; resuming a run means
-giving `decide` the same history (the rows of epochs.csv).
+Because the decisions live in the history, state_dict() records only which schedule it was and the options it
+decides with (load_state_dict refuses a state whose options differ); resuming a run means giving `decide` the same
+history (the rows of epochs.csv).
 """
 from __future__ import annotations
 
@@ -67,12 +69,30 @@ class Schedule:
     def decide(self, epoch: int, history: Sequence[EpochSummary]) -> ScheduleDecision:
         return ScheduleDecision(self.clamp(self.initial_batch))
 
+    def decision_options(self) -> dict:
+        """The values decide() depends on besides (epoch, history), as plain Python (lists, not tuples)."""
+        return {name: _plain(getattr(self, name)) for name in ("initial_batch", "min_batch", "max_batch",
+                                                                *self.options)}
+
     def state_dict(self) -> dict:
-        return {"schedule": self.name}
+        """The schedule's name and decision options: decide() is a pure function of (epoch, history) given those,
+        so they are its whole state, and restoring it into a schedule built with other options is refused."""
+        return {"schedule": self.name, "options": self.decision_options()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule", self.name) != self.name:
             raise ValueError(f"schedule state is for {state['schedule']!r}, this schedule is {self.name!r}")
+        current = self.decision_options()
+        for name, stored in state.get("options", {}).items():  # states saved before options were recorded: none
+            now = current.get(name, "<not an option of it>")
+            if _plain(stored) != now:
+                raise ValueError(f"schedule state has {name}={stored!r}, this {self.name} schedule has "
+                                 f"{name}={now!r}; build it with the options the state was saved with")
+
+
+def _plain(value):
+    """Tuples as lists (recursively), so options compare equal however they were given and load with weights_only."""
+    return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 class StaticSchedule(Schedule):

@@ -11,8 +11,8 @@ slice with that slice's own statistics, so a split changes the result unless Syn
 
 Why an explicit all-reduce instead of DDP: DDP all-reduces inside backward(), so a timer around backward() includes
 waiting for the slowest rank. Here each rank's compute time (forward + backward + the emulated slowdown) is measured
-before the all-reduce, which is what the balancers must see, and a rank whose slice is empty (the short last step of
-an epoch) simply contributes zeros. The per-rank measurements ride along in the same all-reduce, so every rank learns
+before the all-reduce, which is what the balancers must see. A rank whose slice is empty (the short last step of an
+epoch) still runs forward and backward on its empty batch and contributes zeros. The per-rank measurements ride along in the same all-reduce, so every rank learns
 every rank's compute time and batch size without another collective. benchmarks/overhead.py compares the throughput
 with plain DDP.
 """
@@ -96,27 +96,28 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
-               slowdown: float = 1.0, emulated_sample_s: float | None = None) -> StepResult:
+               slowdown: float = 1.0, emulated_sample_s: float | None = None,
+               emulated_step_s: float = 0.0) -> StepResult:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
     `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
-    rank instead takes exactly b * emulated_sample_s * k seconds (it sleeps whatever its real compute left over)
-    and reports that time: balancer decisions then no longer depend on timing noise (reproducible experiments).
+    rank instead takes exactly (emulated_step_s + b * emulated_sample_s) * k seconds (it sleeps whatever its real
+    compute left over) and reports that time: balancer decisions then no longer depend on timing noise
+    (reproducible experiments), and a fixed per-step cost makes the step time affine in b, as on real hardware.
     """
     world_size = sync.world_size
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
-    loss_sum = 0.0
-    if len(labels) > 0:
-        logits = model(images)
-        loss = uneven_batch_loss(logits, labels, global_batch)
-        loss.backward()
-        loss_sum = loss.item() * global_batch
-    elif images.is_cuda:
-        torch.cuda.synchronize(images.device)
+    # Every rank runs forward and backward, even on an empty slice (the short last step of an epoch): a collective
+    # inside the model (SyncBatchNorm, DDP's reducer) would otherwise wait for a rank that never comes. An empty
+    # slice's loss is an empty sum, 0, so it contributes zero gradients.
+    logits = model(images)
+    loss = uneven_batch_loss(logits, labels, global_batch)
+    loss.backward()
+    loss_sum = loss.item() * global_batch
     compute_s = time.perf_counter() - started
     if emulated_sample_s is not None:
-        target_s = len(labels) * emulated_sample_s * slowdown
+        target_s = (emulated_step_s + len(labels) * emulated_sample_s) * slowdown
         time.sleep(max(0.0, target_s - compute_s))
         compute_s = target_s
     elif slowdown > 1.0:

@@ -5,6 +5,8 @@ Started by launch.run() (spawn) or launch.train_under_torchrun(); not called dir
   2. the balancer's split of B over ranks (decided every step from all ranks' measured compute times),
   3. this rank's slice of the epoch's global sample order (sampler.py),
   4. step.train_step: forward/backward on the slice, loss scaled by 1/B, gradients summed over ranks.
+Rank 0 makes both decisions and broadcasts them (agreement.py); once per epoch every rank checks that all ranks
+hold the same B, split and step, and an epoch's seconds are the slowest rank's.
 Only rank 0 writes files; per-rank step rows are gathered to it at the end of every epoch. Checkpoints (every
 --checkpoint-every steps and at every epoch end) hold everything that makes a resumed run continue bit-exactly.
 """
@@ -12,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,19 +21,21 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .agreement import check_ranks_agree, check_run_dir_shared, decided_by_rank0, max_over_ranks
 from .balancers import build_balancer
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig, balancer_options, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
 from .distributed import init_process_group, threads_per_rank
+from .faults import InjectedFault
 from .hetero import SlowdownPlan
 from .lr import decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
 from .rundir import git_commit
 from .sampler import DynamicBatchSampler
-from .schedules import EpochSummary, build_schedule
+from .schedules import EpochSummary, ScheduleDecision, build_schedule
 from .step import GradientSync, train_step
 
 
@@ -46,6 +48,8 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)
     try:
         device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+        if init_method == "env://":  # torchrun: the nodes may not share a filesystem
+            check_run_dir_shared(Path(run_dir), device=device)
         trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
         if config.resume is not None:
             trainer.resume()
@@ -96,7 +100,8 @@ class RankTrainer:
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=collate_batch)
         self.sync = GradientSync(self.model.parameters(), world_size=self.world_size)
         self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
-        self.fault = _InjectedFault.from_env()
+        self.emulated_step_s = (config.emulated_step_ms or 0.0) / 1000
+        self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
         self.progress = Progress(previous_target_lr=config.lr)
@@ -115,9 +120,23 @@ class RankTrainer:
             state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
             write_atomic(self.run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
 
+    def decide_schedule(self, epoch: int) -> ScheduleDecision:
+        def decide():
+            decision = self.schedule.decide(epoch, self.history)
+            return [decision.global_batch, decision.lr_factor]
+        global_batch, lr_factor = decided_by_rank0(decide, device=self.device)
+        return ScheduleDecision(int(global_batch), lr_factor)
+
+    def decide_split(self, global_batch: int) -> list[int]:
+        return decided_by_rank0(lambda: self.balancer.split(global_batch), device=self.device, integers=True)
+
     def train_epoch(self) -> None:
         config, progress, epoch = self.config, self.progress, self.progress.epoch
-        decision = self.schedule.decide(epoch, self.history)
+        decision = self.decide_schedule(epoch)
+        # The guard: a disagreement would otherwise surface as a hang in some later collective.
+        check_ranks_agree({"global batch": decision.global_batch, "split": self.decide_split(decision.global_batch),
+                           "step": progress.global_step}, device=self.device, where=f"at the start of epoch {epoch + 1}")
+        self.fault.before_epoch(self.rank, epoch)
         target_lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) \
             * decision.lr_factor
         total_samples = config.epochs * len(self.train_set)
@@ -130,12 +149,12 @@ class RankTrainer:
         segment_started = time.perf_counter()
         batches = iter(self.loader)
         while self.steps_left():
-            self.sampler.set_rank_batches(self.balancer.split(decision.global_batch))
+            self.sampler.set_rank_batches(self.decide_split(decision.global_batch))
             try:
                 images, labels = next(batches)
             except StopIteration:
                 break
-            self.fault.maybe_fire(self.rank, progress.global_step)
+            self.fault.before_step(self.rank, progress.global_step)
             lr = warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
                 * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
             for group in self.optimizer.param_groups:
@@ -143,13 +162,15 @@ class RankTrainer:
             result = train_step(self.model, self.optimizer, images.to(self.device), labels.to(self.device),
                                 global_batch=sum(self.sampler.last_rank_batches), rank=self.rank, sync=self.sync,
                                 slowdown=self.slowdown.factor(self.rank, progress.global_step),
-                                emulated_sample_s=self.emulated_sample_s)
+                                emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s)
             self.balancer.observe(result.compute_s, result.rank_batches)
+            line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
                 "epoch": epoch, "step": progress.global_step, "rank": self.rank,
                 "batch_size": result.rank_batches[self.rank], "global_batch": result.global_batch,
                 "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
-                "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr})
+                "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
+                "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s})
             progress.epoch_loss_sum += sum(result.loss_sums)
             progress.epoch_samples += result.global_batch
             progress.samples_seen += result.global_batch
@@ -180,11 +201,12 @@ class RankTrainer:
     def finish_epoch(self, global_batch: int, target_lr: float, *, complete: bool) -> None:
         """Evaluate, gather and write the tables; a complete epoch also moves the run on and checkpoints."""
         config, progress = self.config, self.progress
+        epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
         self.balancer.end_epoch()
+        my_samples = sum(row["batch_size"] for row in self.my_rows if row["epoch"] == progress.epoch)
         test_loss, test_acc = evaluate(self.model, self.test_set, rank=self.rank, world_size=self.world_size,
-                                       device=self.device)
+                                       device=self.device, buffer_weight=my_samples)
         train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
-        epoch_s = progress.epoch_elapsed_s
         gathered = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(self.my_rows, gathered, dst=0)
         if self.rank == 0:
@@ -242,13 +264,14 @@ class RankTrainer:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, test_set, *, rank: int, world_size: int, device: torch.device,
-             batch_size: int = 500) -> tuple[float, float]:
-    """Mean test loss and accuracy; each rank scores a contiguous shard, the sums are all-reduced."""
-    if world_size > 1:  # ranks' batch-norm statistics saw different slices: evaluate with their mean
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer)
-                buffer /= world_size
+             batch_size: int = 500, buffer_weight: float = 1.0) -> tuple[float, float]:
+    """Mean test loss and accuracy; each rank scores a contiguous shard, the sums are all-reduced.
+
+    Batch-norm running statistics differ between ranks (each saw its own slices): all ranks first evaluate with
+    their weighted mean (average_buffers), weighted by `buffer_weight`, the samples this rank trained on this epoch.
+    """
+    if world_size > 1:
+        average_buffers(model, buffer_weight, device=device)
     model.eval()
     start, stop = rank * len(test_set) // world_size, (rank + 1) * len(test_set) // world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -265,36 +288,24 @@ def evaluate(model: torch.nn.Module, test_set, *, rank: int, world_size: int, de
     return loss_sum / count, correct / count
 
 
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module, weight: float, *, device: torch.device) -> None:
+    """Collective: replace every floating-point buffer by its mean over ranks weighted by `weight`.
+
+    A rank that held 3 samples a step saw a third of the data of one that held 9, so its running statistics count a
+    third as much. All weights zero: the plain mean. Integer buffers (num_batches_tracked) stay as they are.
+    """
+    total = torch.tensor([float(weight)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    share = weight / total.item() if total.item() > 0 else 1.0 / dist.get_world_size()
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer *= share
+            dist.all_reduce(buffer)
+
+
 def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
-
-
-@dataclasses.dataclass(frozen=True)
-class _InjectedFault:
-    """Failure injection for the reliability tests: DYNBATCH_FAULT="KIND:RANK:STEP", KIND = raise, kill or hang.
-
-    Fires just before global step STEP on rank RANK, in the first attempt only (torchrun restarts are clean).
-    """
-    kind: str | None = None
-    rank: int = -1
-    step: int = -1
-
-    @classmethod
-    def from_env(cls) -> "_InjectedFault":
-        spec = os.environ.get("DYNBATCH_FAULT")
-        if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            return cls()
-        kind, rank, step = spec.split(":")
-        return cls(kind, int(rank), int(step))
-
-    def maybe_fire(self, rank: int, step: int) -> None:
-        if self.kind is None or (rank, step) != (self.rank, self.step):
-            return
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.kind == "hang":
-            time.sleep(10**6)
-        raise RuntimeError(f"injected fault at step {step} on rank {rank}")

@@ -25,13 +25,20 @@ BAD_INPUTS = {
     "cuda without gpus": (["--device", "cuda", "--world-size", "2"], "--device cuda needs one GPU per rank"),
     "unwritable out": (["--out", "/proc/dynbatch-run"], "--out /proc/dynbatch-run: cannot create or write"),
     "not a number": (["--world-size", "two"], "invalid int value"),
+    "step cost without sample cost": (["--emulated-step-ms", "5"], "--emulated-step-ms must be >= 0 and needs "
+                                                                   "--emulated-sample-ms"),
+    "min batch beyond the rank bound": (["--world-size", "2", "--batch-size", "8", "--max-rank-batch", "4",
+                                         "--min-batch", "16"], "cannot hold --batch-size 8 / --min-batch 16"),
+    "model window too short": (["--balancer", "model", "--model-window", "2"], "model_window=2 must be >= 3"),
 }
 
 
 @pytest.fixture
 def no_spawn(monkeypatch):
+    """Fail the test if any rank is started: launch.py calls mp.start_processes (spawn is patched too)."""
     def refuse(*args, **kwargs):
         raise AssertionError("a process was spawned for bad input")
+    monkeypatch.setattr("torch.multiprocessing.start_processes", refuse)
     monkeypatch.setattr("torch.multiprocessing.spawn", refuse)
 
 
@@ -54,6 +61,14 @@ def test_bad_input_exits_2_with_one_line_before_spawning(case, no_spawn, capsys)
 def test_run_raises_value_error_with_the_same_message(no_spawn):
     with pytest.raises(ValueError, match="--slowdown needs 2"):
         run(RunConfig(dataset="synthetic", world_size=2, slowdown=(1.0,)))
+
+
+def test_no_spawn_fixture_catches_the_spawn_of_a_valid_run(no_spawn, tmp_path):
+    """Guard against a vacuous fixture: a valid run gets past validation and is stopped where it starts ranks."""
+    config = RunConfig(dataset="synthetic", model="resnet8", world_size=1, epochs=1, train_samples=64,
+                       test_samples=32, batch_size=32, progress=False, out=str(tmp_path / "r"))
+    with pytest.raises(AssertionError, match="a process was spawned"):
+        run(config)
 
 
 def test_cli_process_exit_code_is_2_on_bad_input():

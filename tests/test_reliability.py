@@ -47,6 +47,7 @@ def assert_no_children_left():
 @pytest.mark.parametrize("kind, expected", [("raise", "RuntimeError: injected fault at step 3 on rank 1"),
                                             ("kill", "killed by SIGKILL")])
 def test_a_failing_rank_stops_the_run_fast_naming_the_rank(tmp_path, monkeypatch, kind, expected):
+    monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
     monkeypatch.setenv("DYNBATCH_FAULT", f"{kind}:1:3")
     started = time.monotonic()
     with pytest.raises(RunFailed) as failure:
@@ -58,6 +59,7 @@ def test_a_failing_rank_stops_the_run_fast_naming_the_rank(tmp_path, monkeypatch
 
 
 def test_a_hanging_rank_fails_the_run_after_the_collective_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
     monkeypatch.setenv("DYNBATCH_FAULT", "hang:1:3")
     started = time.monotonic()
     with pytest.raises(RunFailed) as failure:
@@ -89,6 +91,7 @@ def test_resume_after_a_kill_mid_epoch_is_bit_exact_with_pid_and_a_changing_sche
                    schedule="increasing", checkpoint_every=5)
     reference = run(small_config(tmp_path, "uninterrupted", **options))
 
+    monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
     monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:23")  # epoch 2 runs steps 16..23 at B=64
     with pytest.raises(RunFailed):
         run(small_config(tmp_path, "interrupted", **options))

@@ -85,6 +85,24 @@ def test_resume_from_state_dict_continues_the_same_sequence():
     assert first_part + rest == reference
 
 
+def test_set_epoch_starts_another_epoch_at_its_first_sample_but_continues_the_current_unfinished_one():
+    order0, order1 = epoch_order(10, 0, 0).tolist(), epoch_order(10, 0, 1).tolist()
+    sampler = DynamicBatchSampler(10, seed=0, rank_batches=[4])
+    sampler.set_epoch(0)
+    assert next(iter(sampler)) == order0[0:4]
+    sampler.set_epoch(0)  # the current, unfinished epoch: continues at sample 4
+    assert list(sampler) == [order0[4:8], order0[8:10]]
+    sampler.set_epoch(0)  # the current epoch, finished: starts over
+    assert next(iter(sampler)) == order0[0:4]
+    sampler.set_epoch(1)  # another epoch: its first sample, even though epoch 0 stopped at 4
+    assert next(iter(sampler)) == order1[0:4]
+    resumed = DynamicBatchSampler(10, seed=0, rank_batches=[4])
+    resumed.load_state_dict(sampler.state_dict())  # epoch 1 at cursor 4
+    resumed.set_epoch(1)  # what train.py does after loading a checkpoint
+    assert list(resumed) == [order1[4:8], order1[8:10]]
+    assert (resumed.epoch, resumed.cursor, resumed.steps_in_epoch) == (1, 10, 3)
+
+
 def test_resume_with_a_different_world_size_recuts_the_same_global_position():
     samplers = [DynamicBatchSampler(64, rank=r, world_size=2, seed=1) for r in range(2)]
     run_epoch(64, 2, lambda step: [4, 4], samplers=samplers)  # exhaust to check state bookkeeping

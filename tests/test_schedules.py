@@ -165,18 +165,53 @@ def config_options(**overrides):
             **{name: getattr(config, name) for name in names}}
 
 
+def saved_and_loaded(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_restored_schedule_decides_like_the_original(name):
     original = build_schedule(name, **config_options(smith_epochs=(1, 3)))
-    buffer = io.BytesIO()
-    torch.save(original.state_dict(), buffer)
-    buffer.seek(0)
-    restored = build_schedule(name, **config_options(smith_epochs=(1, 3)))
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored = build_schedule(name, **config_options(smith_epochs=[1, 3]))  # a list equals the tuple
+    restored.load_state_dict(saved_and_loaded(original.state_dict()))
     losses, seconds = [2.0, 1.5, 1.4, 1.39, 1.39, 1.2, 1.0, 1.0], [30.0, 20.0, 15.0, 14.0, 9.0, 9.0, 8.0, 8.0]
     expected = run_epochs(original, 8, losses, seconds)
     assert run_epochs(restored, 8, losses, seconds) == expected
     assert all(2 <= d.global_batch <= 512 for d in expected)
+
+
+# another value for every decision option; each differs from config_options()'s
+OTHER_OPTION_VALUES = {"initial_batch": 32, "min_batch": 4, "max_batch": 256, "every": 2, "plateau_window": 3,
+                       "plateau_threshold": 20.0, "time_budget_s": 60.0, "score_tolerance": 0.05,
+                       "probe_sizes": (16, 64), "smith_epochs": (2,), "smith_factor": 3.0}
+
+
+@pytest.mark.parametrize("name, option", [(name, option) for name, cls in SCHEDULES.items()
+                                          for option in ("initial_batch", "min_batch", "max_batch", *cls.options)])
+def test_state_saved_with_other_options_is_refused_naming_the_option(name, option):
+    saved = build_schedule(name, **config_options(smith_epochs=(1, 3))).state_dict()
+    changed = build_schedule(name, **{**config_options(smith_epochs=(1, 3)), option: OTHER_OPTION_VALUES[option]})
+    with pytest.raises(ValueError, match=f"schedule state has {option}="):
+        changed.load_state_dict(saved_and_loaded(saved))
+
+
+def test_state_holds_the_name_and_the_options_as_plain_lists():
+    schedule = build_schedule("probe", initial_batch=64, min_batch=2, max_batch=512, probe_sizes=(16, 32, 64))
+    assert saved_and_loaded(schedule.state_dict()) == {
+        "schedule": "probe", "options": {"initial_batch": 64, "min_batch": 2, "max_batch": 512,
+                                         "probe_sizes": [16, 32, 64]}}
+    fewer_probes = build_schedule("probe", initial_batch=64, min_batch=2, max_batch=512, probe_sizes=[16, 32])
+    with pytest.raises(ValueError, match=r"probe_sizes=\[16, 32, 64\], this probe schedule has probe_sizes=\[16, 32\]"):
+        fewer_probes.load_state_dict(schedule.state_dict())
+
+
+def test_state_saved_before_options_were_recorded_is_accepted():
+    schedule = build_schedule("loss-plateau", initial_batch=64, min_batch=2, plateau_window=3)
+    schedule.load_state_dict({"schedule": "loss-plateau"})
+    assert decide_next(schedule, [64, 64, 64], [1.0, 1.0, 1.0]) == 128
 
 
 def test_state_of_another_schedule_is_refused():

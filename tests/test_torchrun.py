@@ -1,5 +1,6 @@
 """The same worker under torchrun: one node, two "nodes" on localhost, and an elastic restart after a SIGKILL."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from dynbatch_core import RunConfig, run
-from dynbatch_core.distributed import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +28,13 @@ def finish(process, timeout=300):
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output
     return output
+
+
+def free_port() -> int:
+    """A port for torchrun's --master-port (torchrun binds it itself; a test may accept that small race)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def spawned_reference(tmp_path):
@@ -63,7 +70,7 @@ def test_torchrun_restarts_after_a_sigkill_and_resumes_from_the_last_checkpoint(
     reference = spawned_reference(tmp_path)
     output = finish(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
                              job_args=["--out", str(tmp_path / "elastic"), "--checkpoint-every", "5"],
-                             env_extra={"DYNBATCH_FAULT": "kill:1:21"}))
+                             env_extra={"DYNBATCH_TEST_HOOKS": "1", "DYNBATCH_FAULT": "kill:1:21"}))
     assert "resumed from" in output and "step-00000020" in output
     steps = pd.read_csv(tmp_path / "elastic" / "steps.csv")
     # every sample of each epoch used exactly once in the training that counts; no step lost or repeated

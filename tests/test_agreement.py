@@ -1,0 +1,43 @@
+"""Every rank trains the same global batch and split, even when the ranks' clocks disagree about an epoch's time."""
+import pytest
+
+from dynbatch_core import RunConfig, run
+
+pytestmark = pytest.mark.slow
+
+# Rank 0 sleeps 2.5 s at the start of epoch 1, after the epoch's decision: rank 1 waits for it inside its own timed
+# epoch, so rank 1 measures an epoch ~2.5 s longer than rank 0. An epoch of 256 samples otherwise takes ~0.2 s.
+STALL = "stall:0:1:2.5"
+CASES = {
+    # time budget 1 s: epoch 0 stays under it, the stalled epoch 1 runs over -> B doubles once
+    "loss-plateau": (dict(schedule="loss-plateau", time_budget_s=1.0, plateau_window=5), [32, 32, 64]),
+    # first move doubles; the stalled epoch's score (0.2 x t1/t0 ~ 3) is far worse -> the move is reversed
+    "score": (dict(schedule="score"), [32, 64, 32]),
+    # equal log-loss slope for two probes: the faster epoch wins, and the stalled probe (64) is the slower one
+    "probe": (dict(schedule="probe", probe_sizes=(32, 64)), [32, 64, 32]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_time_based_schedules_decide_the_same_batch_on_every_rank(tmp_path, monkeypatch, name):
+    options, expected = CASES[name]
+    monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
+    monkeypatch.setenv("DYNBATCH_FAULT", STALL)
+    result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=3, train_samples=256,
+                           test_samples=64, batch_size=32, progress=False, timeout_s=20, out=str(tmp_path / name),
+                           **options))
+    steps = result.steps
+    per_step = steps.groupby("step").global_batch.nunique()
+    assert (per_step == 1).all(), steps[steps.step.isin(per_step[per_step > 1].index)]
+    assert (steps.groupby("step").batch_size.sum() == steps.groupby("step").global_batch.first()).all()
+    assert steps.groupby("epoch").batch_size.sum().tolist() == [256, 256, 256]  # every sample once per epoch
+    assert result.epochs.global_batch.tolist() == expected
+    assert result.epochs.epoch_s.iloc[1] > 2.5  # the epoch's time is the slowest rank's, on every rank
+
+
+def test_max_rank_batch_caps_a_growing_schedule_instead_of_failing_mid_run(tmp_path):
+    result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=3, train_samples=128,
+                           test_samples=32, batch_size=32, schedule="increasing", max_rank_batch=20, progress=False,
+                           out=str(tmp_path / "capped")))
+    assert result.epochs.global_batch.tolist() == [32, 40, 40]
+    assert result.steps.batch_size.max() == 20
