@@ -1,4 +1,6 @@
-"""Heterogeneous ranks: equal vs dbs vs pid splits under emulated slow ranks, one training run per balancer.
+"""Heterogeneous ranks: equal vs dbs vs pid vs model splits under emulated slow ranks, one training run per balancer.
+
+The oracle (the best fixed split, swept in the same invocation) and repeated runs: benchmarks/cost_model.py.
 
     python benchmarks/heterogeneous.py                         # full: 7-13 min on 2 shared CPU cores
     python benchmarks/heterogeneous.py --quick                 # smoke: ~3 min, fewer steps and runs
@@ -52,7 +54,7 @@ from dynbatch_core import RunConfig, run  # noqa: E402
 from dynbatch_core import balance_metrics as bm  # noqa: E402
 from dynbatch_core.hetero import SlowdownPlan  # noqa: E402
 
-BALANCERS = ("equal", "dbs", "pid")
+BALANCERS = ("equal", "dbs", "pid", "model")
 TOLERANCE = 0.05        # settled: every |b_i - target_i| <= 5 % of B/n
 FINAL_STEPS = 10        # a segment's own final split = median split over its last 10 steps
 
@@ -195,7 +197,7 @@ def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, sett
                 ideal = mine[mine["balancer"] == mine["balancer"].iloc[0]]
                 ax.plot(ideal["step"], ideal["ideal_batch"], color=colours[rank], linestyle=":", linewidth=1.2,
                         drawstyle="steps-post")
-                for balancer, style in (("pid", "-"), ("dbs", "--")):
+                for balancer, style in (("pid", "-"), ("dbs", "--"), ("model", "-.")):
                     line = mine[mine["balancer"] == balancer]
                     ax.plot(line["step"], line["batch_size"], color=colours[rank], linestyle=style, linewidth=1.6,
                             drawstyle="steps-post")
@@ -203,7 +205,7 @@ def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, sett
                 handles.append(Line2D([], [], color=colours[rank], label=f"rank {rank}, k = "
                                       + "→".join(f"{k:g}" for k in ks)))
             handles += [Line2D([], [], color="0.3", linestyle=style, label=label) for style, label in
-                        (("-", "pid"), ("--", "dbs"), (":", "ideal b ∝ 1/k"))]
+                        (("-", "pid"), ("--", "dbs"), ("-.", "model"), (":", "ideal b ∝ 1/k"))]
             ax.set(title=scenario, xlabel="training step", ylabel="per-rank batch size (samples)", ylim=(0, None))
             ax.legend(handles=handles, fontsize="x-small", ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
         fig.suptitle(f"Per-rank batch size under emulated slow ranks ({setting})")

@@ -214,6 +214,39 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
     return fig
 
 
+def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs whose balancer fits step-time lines (model_a_s, model_c_s), with `fitted_s` = a + c · b: the
+    line as fitted after the step (it includes that step's point)."""
+    if "model_a_s" not in steps.columns:
+        return steps.iloc[0:0].assign(fitted_s=[])
+    table = steps.dropna(subset=["model_a_s", "model_c_s"]).copy()
+    table["fitted_s"] = table["model_a_s"] + table["model_c_s"] * table["batch_size"]
+    return table
+
+
+def fitted_step_time(steps: pd.DataFrame, *, title: str = "Measured vs fitted compute time per step") -> plt.Figure:
+    """Per rank of the model-balancer run(s): measured compute seconds (dots) and the fitted a_i + c_i b_i (line)."""
+    table = fitted_step_time_table(steps)
+    ranks = sorted(table["rank"].unique()) if not table.empty else []
+    colours = _palette([f"rank {r}" for r in ranks])
+    with _theme():
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for rank in ranks:
+            part = table[table["rank"] == rank]
+            colour = colours[f"rank {rank}"]
+            ax.scatter(part["step"], part["compute_s"], color=colour, s=10, alpha=0.6, label=f"rank {rank} measured")
+            ax.plot(part["step"], part["fitted_s"], color=colour, linewidth=1.8, label=f"rank {rank} fitted a + c·b")
+        if table.empty:
+            ax.text(0.5, 0.5, "no run with the model balancer", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylim(0, None)
+        ax.set_xlabel(STEP_LABEL)
+        ax.set_ylabel("compute time per step (s)")
+        ax.set_title(title)
+        ax.legend(loc="upper right", fontsize="small")
+        fig.tight_layout()
+    return fig
+
+
 def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
     """Speed-up of each balancer over `baseline` at each slowdown, from the last epoch's samples/s.
 

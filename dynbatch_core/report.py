@@ -357,6 +357,21 @@ def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Se
     }
 
 
+def describe_fit(steps: pd.DataFrame) -> list[str]:
+    """Sentences for the fitted-step-time figure: how closely the model balancer's lines predict each rank."""
+    from .plots import fitted_step_time_table
+    table = fitted_step_time_table(steps)
+    if table.empty:
+        return ["No run used the model balancer."]
+    last = table[table["step"] == table["step"].max()].sort_values("rank")
+    lines = ", ".join(f"rank {row.rank}: {1000 * row.model_a_s:.1f} ms + {1000 * row.model_c_s:.2f} ms × b"
+                      for row in last.itertuples())
+    later = table[table["step"] >= table["step"].max() // 2]
+    error = ((later["compute_s"] - later["fitted_s"]).abs() / later["compute_s"].clip(lower=1e-9)).median()
+    return [f"Final fitted lines {lines}. Over the second half of the run the fitted time was off the measured one "
+            f"by a median {100 * error:.1f} % per step."]
+
+
 def strip_outputs(paths: Sequence[str | os.PathLike] | None = None) -> list[Path]:
     """Clear outputs and execution counts of the notebooks (default: notebooks/*.ipynb) before a commit, except
     cells marked `# NBVAL_CHECK_OUTPUT`, whose stored output nbval compares. Returns the files it changed."""
