@@ -5,7 +5,7 @@
     result.epochs
 
 Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_batch_loss and GradientSync
-(step.py), the balancers (balancers.py) and schedules (schedules.py), decided_by_rank0 (agreement.py).
+(step.py), wrap_ddp (ddp_step.py), planned_loader (loader.py), the balancers (balancers.py) and schedules (schedules.py), decided_by_rank0 (agreement.py).
 """
 from .agreement import check_ranks_agree, decided_by_rank0
 from .balancers import BALANCERS, Balancer, build_balancer, largest_remainder_split
@@ -17,10 +17,13 @@ from .sampler import DynamicBatchSampler
 from .lr import scaled_lr
 from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .step import GradientSync, train_step, uneven_batch_loss
+from .ddp_step import exchange_measurements, wrap_ddp
+from .loader import planned_loader, prefetch_depth
 from .launch import RunFailed, run
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
            "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
-           "GradientSync", "train_step", "uneven_batch_loss", "run", "RunFailed", "decided_by_rank0",
+           "GradientSync", "train_step", "uneven_batch_loss", "wrap_ddp", "exchange_measurements", "planned_loader",
+           "prefetch_depth", "run", "RunFailed", "decided_by_rank0",
            "check_ranks_agree"]

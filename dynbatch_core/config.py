@@ -80,6 +80,15 @@ class RunConfig:
     emulated_sample_ms: float | None = _opt(None, "emulate compute: a 1x rank takes exactly this many ms per "
                                                    "sample (times its slowdown); makes balancer decisions "
                                                    "independent of timing noise")
+    gradient_sync: str = _opt("auto", "how gradients are summed: ddp (stock DistributedDataParallel with a summing "
+                                       "comm hook, overlapped with backward), explicit (one bucketed all-reduce "
+                                       "after backward) or auto (ddp on CUDA, explicit on CPU)")
+    clip_grad_norm: float | None = _opt(None, "clip the global gradient (summed over ranks) to this L2 norm")
+    precision: str = _opt("fp32", "fp32; bf16 (autocast, CPU or CUDA); fp16 (autocast + loss scaling, CUDA only)")
+    max_micro_batch: int | None = _opt(None, "a rank's slice larger than this runs as micro-batches with "
+                                             "accumulated gradients (memory bound; the update is unchanged)")
+    loader_workers: int = _opt(0, "DataLoader worker processes per rank (splits are then planned as many steps "
+                                  "ahead as the loader prefetches)")
     emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "
                                                  "(times the slowdown): step time = (step_ms + b x sample_ms) x k")
     optimizer: str = _opt("sgd", "sgd or adam")
@@ -151,6 +160,7 @@ def _check_writable(out: str | None) -> None:
                          f"({error.strerror or error})") from None
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
                     "probe_sizes", "smith_epochs", "smith_factor")
 BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change", "model_window")
@@ -176,7 +186,8 @@ def balancer_options(config: RunConfig) -> dict:
 # Fields a resumed run may change: they do not alter the computation of the steps already taken (a CPU checkpoint
 # may continue on GPUs: only the summation order changes).
 RESUME_MAY_CHANGE = {"threads", "epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
-                     "overwrite", "resume", "data_dir", "download", "device"}
+                     "overwrite", "resume", "data_dir", "download", "device", "gradient_sync",
+                     "max_micro_batch"}
 
 
 def stored_config(run_dir: str | Path) -> RunConfig:
@@ -226,7 +237,7 @@ def validate_config(config: RunConfig) -> str:
     """
     from .balancers import BALANCERS, build_balancer
     from .data import DATASET_NAMES, describe_data_source
-    from .distributed import check_device
+    from .distributed import GRADIENT_SYNCS, check_device, resolve_device
     from .lr import LR_DECAYS, LR_SCALINGS
     from .models import MODEL_NAMES, NORM_CHOICES
     from .schedules import SCHEDULES, build_schedule
@@ -240,6 +251,16 @@ def validate_config(config: RunConfig) -> str:
     _check_choice("lr scaling", config.lr_scaling, LR_SCALINGS)
     _check_choice("lr decay", config.lr_decay, LR_DECAYS)
     _check_choice("device", config.device, DEVICES)
+    _check_choice("gradient sync", config.gradient_sync, GRADIENT_SYNCS)
+    _check_choice("precision", config.precision, PRECISIONS)
+    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
+        raise ValueError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
+    if config.max_micro_batch is not None and config.max_micro_batch < 1:
+        raise ValueError(f"--max-micro-batch must be >= 1, got {config.max_micro_batch}")
+    if config.precision == "fp16" and resolve_device(config.device, config.world_size) != "cuda":
+        raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
+    if config.loader_workers < 0:
+        raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
     if config.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
     if config.batch_size < config.world_size:

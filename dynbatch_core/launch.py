@@ -29,7 +29,8 @@ import torch.multiprocessing as mp
 
 from .config import RunConfig, validate_config
 from .console import log
-from .distributed import LoopbackStore, resolve_device, threads_per_rank, torchrun_identity
+from .distributed import (LoopbackStore, resolve_device, resolve_gradient_sync, threads_per_rank,
+                          torchrun_identity)
 from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
 from .rundir import git_commit, prepare_run_dir
 from .train import train_worker
@@ -191,7 +192,8 @@ def _open_run_dir(config: RunConfig, device_kind: str) -> Path:
         return Path(config.resume).expanduser().resolve()
     run_dir = prepare_run_dir(config.out, overwrite=config.overwrite, label=_run_label(config))
     write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {
-        "balancer": config.balancer_name, "device": device_kind, "git_commit": git_commit()}})
+        "balancer": config.balancer_name, "device": device_kind,
+        "gradient_sync": resolve_gradient_sync(config.gradient_sync, device_kind), "git_commit": git_commit()}})
     return run_dir
 
 

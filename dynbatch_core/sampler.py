@@ -14,8 +14,12 @@ takes the next B_t = sum(rank_batches) indices of that order and gives rank i th
 number of steps and every sample is used exactly once per epoch. When fewer than B_t samples remain, the last step
 splits what is left in proportion to the requested split (largest remainder), so a rank may get an empty slice.
 
-The batch sizes are read when the DataLoader asks for the next batch, so the loader must not prefetch (no loader
-worker processes): the data here lives in memory and is batched by the dataset itself, so workers would buy nothing.
+Prefetching loaders (worker processes) ask for a step's indices up to num_workers x prefetch_factor steps before
+it is trained. So a split can be planned for a given step (`plan_step(step, rank_batches)`, e.g. d steps ahead);
+every yielded index list is a `StepPlan`, which carries its epoch, step, offset and true per-rank sizes, and
+loader.planned_loader() delivers that plan with the batch, so the training loop learns what it trains from the
+batch itself. Steps without a plan use the split last given to `set_rank_batches` (the simple loop without
+workers); with `require_plans=True` a missing plan is an error instead.
 """
 from __future__ import annotations
 
@@ -43,11 +47,31 @@ def rank_slices(rank_batches: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
+class StepPlan(list):
+    """This rank's indices of one step (a list), plus the step's plan: what every rank holds in it."""
+
+    def __init__(self, indices: Sequence[int], *, epoch: int, step: int, offset: int, rank_batches: Sequence[int]):
+        super().__init__(indices)
+        self.epoch, self.step, self.offset = epoch, step, offset   # offset: samples of the epoch before this step
+        self.rank_batches = list(rank_batches)                    # the step's true split (short at the epoch's end)
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.rank_batches)
+
+    def __reduce__(self):  # pickled to loader workers with its plan
+        return (_rebuild_plan, (list(self), self.epoch, self.step, self.offset, self.rank_batches))
+
+
+def _rebuild_plan(indices, epoch, step, offset, rank_batches) -> StepPlan:
+    return StepPlan(indices, epoch=epoch, step=step, offset=offset, rank_batches=rank_batches)
+
+
 class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's index slice of each global step; see the module docstring."""
 
     def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, rank_batches: Sequence[int] | None = None):
+                 shuffle: bool = True, rank_batches: Sequence[int] | None = None, require_plans: bool = False):
         if num_samples < 1:
             raise ValueError(f"the sampler needs at least one sample, got {num_samples}")
         if not 0 <= rank < world_size:
@@ -62,6 +86,9 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.steps_in_epoch = 0
         self.rank_batches = list(rank_batches) if rank_batches else [1] * world_size
         self.last_rank_batches: list[int] = [0] * world_size
+        self.require_plans = require_plans
+        self.plans: dict[int, list[int]] = {}  # step of this epoch -> planned split
+        self._yielded: dict[int, list[int]] = {}  # step of this epoch -> the split requested when it was yielded
         self._order: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,43 +96,79 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         sample; the current epoch continues from its cursor (where load_state_dict or an unfinished iteration left
         it), so a resumed run can call set_epoch as usual; a finished current epoch starts over at its first sample."""
         if epoch != self.epoch or self.cursor >= self.num_samples:
-            self.epoch, self.cursor, self.steps_in_epoch = epoch, 0, 0
+            self.epoch, self.cursor, self.steps_in_epoch, self.plans, self._yielded = epoch, 0, 0, {}, {}
         self._order = None
 
+    def plan_step(self, step: int, rank_batches: Sequence[int]) -> None:
+        """The split of step `step` of the current epoch (every rank must plan the same); a step plans once."""
+        self._check_split(rank_batches)
+        if step < self.steps_in_epoch:
+            raise ValueError(f"step {step} of epoch {self.epoch} was already handed to the loader (it is at step "
+                             f"{self.steps_in_epoch}): plan at least as far ahead as the loader prefetches")
+        self.plans[step] = [int(size) for size in rank_batches]
+
     def set_rank_batches(self, rank_batches: Sequence[int]) -> None:
-        """Per-rank batch sizes of the next steps; every rank must pass the same list."""
+        """Per-rank batch sizes of the next unplanned steps; every rank must pass the same list."""
+        self._check_split(rank_batches)
+        self.rank_batches = [int(size) for size in rank_batches]
+
+    def _check_split(self, rank_batches: Sequence[int]) -> None:
         if len(rank_batches) != self.world_size or any(size < 0 for size in rank_batches) or sum(rank_batches) < 1:
             raise ValueError(f"rank_batches must be {self.world_size} sizes >= 0 summing to >= 1, got {list(rank_batches)}")
-        self.rank_batches = [int(size) for size in rank_batches]
 
     @property
     def remaining(self) -> int:
         return self.num_samples - self.cursor
 
+    def requested_batches(self) -> list[int]:
+        """The split asked for the next step: its plan, else the last set_rank_batches split."""
+        planned = self.plans.get(self.steps_in_epoch)
+        if planned is None and self.require_plans:
+            raise RuntimeError(f"no split planned for step {self.steps_in_epoch} of epoch {self.epoch}: the loader "
+                               "prefetches further ahead than the splits were planned")
+        return list(planned if planned is not None else self.rank_batches)
+
     def next_step_batches(self) -> list[int]:
         """The per-rank sizes the next step will really have (short only at the end of the epoch)."""
-        if sum(self.rank_batches) <= self.remaining:
-            return list(self.rank_batches)
-        return largest_remainder_split(self.remaining, self.rank_batches, min_size=0)
+        requested = self.requested_batches()
+        if sum(requested) <= self.remaining:
+            return list(requested)
+        return largest_remainder_split(self.remaining, requested, min_size=0)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[StepPlan]:
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
         while self.cursor < self.num_samples:
             step_batches = self.next_step_batches()
             start, stop = rank_slices(step_batches)[self.rank]
-            indices = order[self.cursor + start:self.cursor + stop].tolist()
+            plan = StepPlan(order[self.cursor + start:self.cursor + stop].tolist(), epoch=self.epoch,
+                            step=self.steps_in_epoch, offset=self.cursor, rank_batches=step_batches)
+            self._yielded[self.steps_in_epoch] = self.requested_batches()
+            self.plans.pop(self.steps_in_epoch, None)
             self.last_rank_batches = step_batches
             self.cursor += sum(step_batches)
             self.steps_in_epoch += 1
-            yield indices
+            yield plan
 
     def __len__(self) -> int:
         """Steps left in this epoch if the split stays as it is now."""
         return -(-self.remaining // sum(self.rank_batches))
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "steps_in_epoch": self.steps_in_epoch,
-                "seed": self.seed, "num_samples": self.num_samples, "rank_batches": list(self.rank_batches)}
+    def state_dict(self, trained: StepPlan | None = None) -> dict:
+        """The position to resume from. With a prefetching loader the sampler runs ahead of training: pass the last
+        trained step's plan (`trained`) to record the position after it, with the plans of every later step (the
+        ones already handed to the loader included), so a resumed run trains exactly the same steps."""
+        state = {"epoch": self.epoch, "cursor": self.cursor, "steps_in_epoch": self.steps_in_epoch,
+                 "seed": self.seed, "num_samples": self.num_samples, "rank_batches": list(self.rank_batches),
+                 "plans": [[step, list(split)] for step, split in sorted(self.plans.items())]}
+        if trained is not None and trained.epoch == self.epoch and trained.step + 1 < self.steps_in_epoch:
+            handed_out = self._handed_out_since(trained)
+            state.update(cursor=trained.offset + trained.global_batch, steps_in_epoch=trained.step + 1,
+                         plans=sorted(handed_out + state["plans"]))
+        return state
+
+    def _handed_out_since(self, trained: StepPlan) -> list[list]:
+        """The splits the sampler already yielded after `trained` (recorded as they were planned or defaulted)."""
+        return [[step, list(split)] for step, split in self._yielded.items() if step > trained.step]
 
     def load_state_dict(self, state: dict) -> None:
         """Continue mid-epoch; the position is global, so a different world size can resume it (re-cut)."""
@@ -113,5 +176,7 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, "
                              f"this sampler has {self.num_samples} samples with seed {self.seed}")
         self.epoch, self.cursor, self.steps_in_epoch = state["epoch"], state["cursor"], state["steps_in_epoch"]
+        self.plans, self._yielded = {}, {}
         if len(state["rank_batches"]) == self.world_size:
             self.rank_batches = list(state["rank_batches"])
+            self.plans = {int(step): list(split) for step, split in state.get("plans", [])}

@@ -18,6 +18,7 @@ with plain DDP.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -94,10 +95,63 @@ class StepResult:
         return sum(self.loss_sums) / max(1, self.global_batch)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """What a user's training loop expects, kept exact (both gradient paths take it)."""
+    clip_grad_norm: float | None = None          # clip the *global* gradient (after the reduction) to this norm
+    autocast_dtype: torch.dtype | None = None    # mixed precision: forward under torch.autocast with this dtype
+    scaler: torch.amp.GradScaler | None = None   # float16: loss scaling (its decisions follow the global gradient)
+    max_micro_batch: int | None = None           # a larger slice runs as micro-batches, gradients accumulated
+
+
+def micro_batches(images: torch.Tensor, labels: torch.Tensor, size: int | None):
+    """The slice in chunks of at most `size` samples (one chunk, possibly empty, when size is None or larger)."""
+    if size is None or len(labels) <= size:
+        return [(images, labels)]
+    return list(zip(images.split(size), labels.split(size)))
+
+
+def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
+                     options: StepOptions, no_sync=None) -> float:
+    """Forward and backward over the slice (in micro-batches), each chunk's loss summed / global_batch; returns the
+    slice's summed loss. `no_sync`: a context manager (DDP's) that holds the reduction back on all but the last chunk.
+
+    Every rank runs forward and backward, even on an empty slice (the short last step of an epoch): a collective
+    inside the model (SyncBatchNorm, DDP's reducer) would otherwise wait for a rank that never comes. An empty
+    slice's loss is an empty sum, 0, so it contributes zero gradients.
+    """
+    chunks = micro_batches(images, labels, options.max_micro_batch)
+    loss_sum = 0.0
+    for index, (chunk_images, chunk_labels) in enumerate(chunks):
+        hold = no_sync() if no_sync is not None and index < len(chunks) - 1 else contextlib.nullcontext()
+        with hold:
+            with torch.autocast(images.device.type, dtype=options.autocast_dtype,
+                                enabled=options.autocast_dtype is not None):
+                logits = model(chunk_images)
+            loss = uneven_batch_loss(logits.float(), chunk_labels, global_batch)
+            (options.scaler.scale(loss) if options.scaler is not None else loss).backward()
+        loss_sum += loss.item() * global_batch
+    return loss_sum
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
+    """After the reduction: unscale (float16), clip the global gradient, step. Every rank holds the same summed
+    gradient here, so every rank clips, skips or steps alike."""
+    if options.scaler is not None:
+        options.scaler.unscale_(optimizer)
+    if options.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+    if options.scaler is not None:
+        options.scaler.step(optimizer)
+        options.scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
                slowdown: float = 1.0, emulated_sample_s: float | None = None,
-               emulated_step_s: float = 0.0) -> StepResult:
+               emulated_step_s: float = 0.0, options: StepOptions = StepOptions()) -> StepResult:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
     `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
@@ -108,13 +162,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     world_size = sync.world_size
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
-    # Every rank runs forward and backward, even on an empty slice (the short last step of an epoch): a collective
-    # inside the model (SyncBatchNorm, DDP's reducer) would otherwise wait for a rank that never comes. An empty
-    # slice's loss is an empty sum, 0, so it contributes zero gradients.
-    logits = model(images)
-    loss = uneven_batch_loss(logits, labels, global_batch)
-    loss.backward()
-    loss_sum = loss.item() * global_batch
+    loss_sum = forward_backward(model, images, labels, global_batch, options)
     compute_s = time.perf_counter() - started
     if emulated_sample_s is not None:
         target_s = (emulated_step_s + len(labels) * emulated_sample_s) * slowdown
@@ -130,6 +178,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     waited_from = time.perf_counter()
     stats = sync.all_reduce(stats)
     wait_s = time.perf_counter() - waited_from
-    optimizer.step()
+    optimizer_step(model, optimizer, options)
     compute, batches, loss_sums = stats.cpu().tolist()
     return StepResult(compute, [int(round(b)) for b in batches], loss_sums, wait_s)

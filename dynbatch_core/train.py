@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from .agreement import check_ranks_agree, check_run_dir_shared, decided_by_rank0, max_over_ranks
 from .balancers import build_balancer
@@ -27,16 +26,18 @@ from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore
 from .config import RunConfig, balancer_options, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
-from .distributed import init_process_group, threads_per_rank
+from .distributed import init_process_group, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
 from .hetero import SlowdownPlan
 from .lr import decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
 from .rundir import git_commit
-from .sampler import DynamicBatchSampler
+from .sampler import DynamicBatchSampler, StepPlan
 from .schedules import EpochSummary, ScheduleDecision, build_schedule
-from .step import GradientSync, train_step
+from .ddp_step import ddp_train_step, wrap_ddp
+from .loader import planned_loader, prefetch_depth
+from .step import GradientSync, StepOptions, StepResult, train_step
 
 
 def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_size: int, run_dir: Path,
@@ -87,20 +88,31 @@ class RankTrainer:
                             norm=config.norm)
         if config.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(device)
-        for tensor in self.model.state_dict().values():
+        self.module = model.to(device)  # the bare model: state dicts, evaluation
+        for tensor in self.module.state_dict().values():
             dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
-        self.optimizer = _build_optimizer(config, self.model)
+        self.gradient_sync = resolve_gradient_sync(config.gradient_sync, device)
+        self.model = wrap_ddp(self.module, device) if self.gradient_sync == "ddp" else self.module
+        self.sync = GradientSync(self.module.parameters(), world_size=self.world_size) \
+            if self.gradient_sync == "explicit" else None
+        self.optimizer = _build_optimizer(config, self.module)
         self.schedule = build_schedule(config.schedule, **schedule_options(config))
         self.balancer = build_balancer(config.balancer_name, self.world_size, **balancer_options(config))
         self.slowdown = SlowdownPlan.from_options(self.world_size, slowdown=config.slowdown,
                                                   trace=config.slowdown_trace)
         self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
-                                           seed=config.seed)
-        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=collate_batch)
-        self.sync = GradientSync(self.model.parameters(), world_size=self.world_size)
+                                           seed=config.seed, require_plans=True)
+        self.loader = planned_loader(self.train_set, self.sampler, collate_fn=collate_batch,
+                                     num_workers=config.loader_workers)
+        # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
+        self.lookahead = prefetch_depth(config.loader_workers)
+        self.trained: StepPlan | None = None   # the plan of the last step trained
         self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
         self.emulated_step_s = (config.emulated_step_ms or 0.0) / 1000
+        self.step_options = StepOptions(
+            clip_grad_norm=config.clip_grad_norm, max_micro_batch=config.max_micro_batch,
+            autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
+            scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
@@ -117,7 +129,7 @@ class RankTrainer:
         while self.progress.epoch < self.config.epochs and self.steps_left():
             self.train_epoch()
         if self.rank == 0:
-            state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+            state = {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
             write_atomic(self.run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
 
     def decide_schedule(self, epoch: int) -> ScheduleDecision:
@@ -147,11 +159,13 @@ class RankTrainer:
                            enabled=self.draw_progress)
         bar.update(progress.epoch_steps)
         segment_started = time.perf_counter()
+        for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
+            if step not in self.sampler.plans:  # a resumed run restored the plans it had already made
+                self.sampler.plan_step(step, self.decide_split(decision.global_batch))
         batches = iter(self.loader)
         while self.steps_left():
-            self.sampler.set_rank_batches(self.decide_split(decision.global_batch))
             try:
-                images, labels = next(batches)
+                (images, labels), plan = next(batches)
             except StopIteration:
                 break
             self.fault.before_step(self.rank, progress.global_step)
@@ -159,11 +173,11 @@ class RankTrainer:
                 * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            result = train_step(self.model, self.optimizer, images.to(self.device), labels.to(self.device),
-                                global_batch=sum(self.sampler.last_rank_batches), rank=self.rank, sync=self.sync,
-                                slowdown=self.slowdown.factor(self.rank, progress.global_step),
-                                emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s)
+            result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch,
+                                     self.slowdown.factor(self.rank, progress.global_step))
+            self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
+            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(decision.global_batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
                 "epoch": epoch, "step": progress.global_step, "rank": self.rank,
@@ -178,25 +192,40 @@ class RankTrainer:
             progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
-            last_step = not self.steps_left() or (epoch + 1 == config.epochs and self.sampler.remaining == 0)
+            remaining = self.remaining_after(plan)
+            last_step = not self.steps_left() or (epoch + 1 == config.epochs and remaining == 0)
             if self.rank == 0 and (last_step or self.progress_file.due()):
                 steps_per_epoch = math.ceil(len(self.train_set) / decision.global_batch)
-                total = progress.global_step + math.ceil(self.sampler.remaining / decision.global_batch) \
+                total = progress.global_step + math.ceil(remaining / decision.global_batch) \
                     + (config.epochs - epoch - 1) * steps_per_epoch
                 self.progress_file.report(
                     epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
                     split=result.rank_batches, total_steps=min(total, config.max_steps or total))
             if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
-                    and self.sampler.remaining > 0:
+                    and remaining > 0:
                 progress.epoch_elapsed_s += time.perf_counter() - segment_started
                 self.save_checkpoint()
                 segment_started = time.perf_counter()
         bar.close()
         progress.epoch_elapsed_s += time.perf_counter() - segment_started
-        if self.sampler.remaining > 0 and not self.steps_left():
+        if self.remaining_after(self.trained) > 0 and not self.steps_left():
             self.finish_epoch(decision.global_batch, target_lr, complete=False)
         else:
             self.finish_epoch(decision.global_batch, target_lr, complete=True)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_batch: int, slowdown: float) -> StepResult:
+        options = dict(global_batch=global_batch, rank=self.rank, slowdown=slowdown,
+                       emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s,
+                       options=self.step_options)
+        if self.gradient_sync == "ddp":
+            return ddp_train_step(self.model, self.optimizer, images, labels, **options)
+        return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
+
+    def remaining_after(self, plan: StepPlan | None) -> int:
+        """Samples of the epoch after the trained step `plan` (the sampler itself may have run ahead of it)."""
+        if plan is None or plan.epoch != self.sampler.epoch:
+            return self.sampler.remaining
+        return len(self.train_set) - plan.offset - plan.global_batch
 
     def finish_epoch(self, global_batch: int, target_lr: float, *, complete: bool) -> None:
         """Evaluate, gather and write the tables; a complete epoch also moves the run on and checkpoints."""
@@ -204,7 +233,7 @@ class RankTrainer:
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
         self.balancer.end_epoch()
         my_samples = sum(row["batch_size"] for row in self.my_rows if row["epoch"] == progress.epoch)
-        test_loss, test_acc = evaluate(self.model, self.test_set, rank=self.rank, world_size=self.world_size,
+        test_loss, test_acc = evaluate(self.module, self.test_set, rank=self.rank, world_size=self.world_size,
                                        device=self.device, buffer_weight=my_samples)
         train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
         gathered = [None] * self.world_size if self.rank == 0 else None
@@ -233,12 +262,13 @@ class RankTrainer:
             self.save_checkpoint()
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "balancer": self.balancer.state_dict(),
-                "sampler": self.sampler.state_dict(), "progress": dataclasses.asdict(self.progress),
+                "sampler": self.sampler.state_dict(trained=self.trained), "progress": dataclasses.asdict(self.progress),
                 "history": [dataclasses.asdict(summary) for summary in self.history],
                 "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "my_rows": self.my_rows,
-                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": self.git_commit}
+                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": self.git_commit,
+                "scaler": self.step_options.scaler.state_dict() if self.step_options.scaler is not None else {}}
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.run_dir, rank=self.rank, world_size=self.world_size,
@@ -249,8 +279,10 @@ class RankTrainer:
         state = load_checkpoint(folder / f"rank{self.rank}.pt")
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks, not {self.world_size}")
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.step_options.scaler is not None and state.get("scaler"):
+            self.step_options.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
         self.balancer.load_state_dict(state["balancer"])
         self.sampler.load_state_dict(state["sampler"])

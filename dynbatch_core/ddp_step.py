@@ -1,0 +1,125 @@
+"""The exact uneven-batch step on stock DistributedDataParallel: overlap kept, compute timed at bucket readiness.
+
+    model = wrap_ddp(model, device)                 # DDP, broadcast_buffers=False, a summing comm hook
+    result = ddp_train_step(model, optimizer, images, labels, global_batch=16, rank=rank)   # a step.StepResult
+
+Why it is exact: as in step.py, rank i's loss is its summed loss divided by the global B; the comm hook all-reduces
+each gradient bucket as a sum (DDP's default hook would divide by the world size), so the update equals one step on
+the union batch for any split, an empty slice included (an empty batch still runs forward and backward, so DDP's
+reducer sees every rank).
+
+Compute time without waiting: DDP all-reduces inside backward(), so a clock around backward() would include
+waiting for slower ranks. The hook sees every bucket as its gradients become ready; when the last bucket is ready,
+this rank's forward and backward are done: compute_s is measured then (on CUDA from events recorded in the stream).
+The emulated slowdown sleeps in that same moment, before the last bucket's all-reduce, so other ranks wait for it
+exactly as they would for a slower device. Per-rank (compute_s, batch, loss) then travel in one small all-reduce.
+
+Batch-norm buffers are not broadcast from rank 0 at every forward (broadcast_buffers=False, or its successor
+forward_sync_buffers=False): each rank keeps its
+own running statistics, averaged by the engine before evaluation (train.average_buffers).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .step import StepOptions, StepResult, forward_backward, optimizer_step
+
+
+class BucketClock:
+    """Comm-hook state: when this step started, when its last gradient bucket became ready, the emulated delay."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.started = 0.0
+        self.compute_s = 0.0
+        self.slowdown = 1.0
+        self.emulated_s: float | None = None   # exact compute seconds to report and take (emulation), or None
+        self.buckets = 0                       # gradient buckets seen in the current step
+        self._start_event = self._ready_event = None
+
+    def start(self, *, slowdown: float = 1.0, emulated_s: float | None = None) -> None:
+        """Call at the start of every step, before forward."""
+        self.slowdown, self.emulated_s, self.compute_s, self.buckets = slowdown, emulated_s, 0.0, 0
+        if self.cuda:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._ready_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+        self.started = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        if self.cuda:  # the host clock would read the time of queueing, not of computing
+            self._ready_event.record()
+            self._ready_event.synchronize()
+            return self._start_event.elapsed_time(self._ready_event) / 1000
+        return time.perf_counter() - self.started
+
+    def last_bucket_ready(self) -> None:
+        """Measure this rank's compute time and take the emulated delay, before the last all-reduce starts."""
+        compute_s = self.elapsed_s()
+        if self.emulated_s is not None:
+            time.sleep(max(0.0, self.emulated_s - compute_s))
+            compute_s = self.emulated_s
+        elif self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * compute_s)
+            compute_s *= self.slowdown
+        self.compute_s = compute_s
+
+
+def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """All-reduce a gradient bucket (a dist.GradBucket) as a sum, not DDP's mean; at the last bucket, stop this
+    rank's clock (a BucketClock) first. Returns the future of the summed buffer."""
+    clock.buckets += 1
+    if bucket.is_last():
+        clock.last_bucket_ready()
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, **ddp_options) -> DistributedDataParallel:
+    """`model` in stock DDP with the summing, timing hook; `model.clock` is the hook's BucketClock."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_broadcast(), **ddp_options)
+    wrapped.clock = BucketClock(device)
+    wrapped.register_comm_hook(wrapped.clock, summing_hook)
+    return wrapped
+
+
+def exchange_measurements(compute_s: float, batch: int, *, device: torch.device | str = "cpu",
+                          loss_sum: float = 0.0) -> tuple[list[float], list[int], list[float]]:
+    """Every rank's (compute seconds, batch size, summed loss) of this step, on every rank: what balancers observe."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    stats = torch.zeros(3, world_size, dtype=torch.float64, device=device)
+    stats[:, rank] = torch.tensor([compute_s, float(batch), loss_sum], dtype=torch.float64)
+    dist.all_reduce(stats)
+    compute, batches, loss_sums = stats.cpu().tolist()
+    return compute, [int(round(b)) for b in batches], loss_sums
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP's option to stop broadcasting rank 0's buffers at every forward (renamed in newer torch releases)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                   labels: torch.Tensor, *, global_batch: int, rank: int, slowdown: float = 1.0,
+                   emulated_sample_s: float | None = None, emulated_step_s: float = 0.0,
+                   options: StepOptions = StepOptions()) -> StepResult:
+    """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
+    clock: BucketClock = model.clock
+    emulated_s = None if emulated_sample_s is None else (emulated_step_s + len(labels) * emulated_sample_s) * slowdown
+    optimizer.zero_grad(set_to_none=True)
+    clock.start(slowdown=slowdown, emulated_s=emulated_s)
+    loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync)
+    backward_done = time.perf_counter()
+    compute, batches, loss_sums = exchange_measurements(clock.compute_s, len(labels), device=images.device,
+                                                        loss_sum=loss_sum)
+    optimizer_step(model, optimizer, options)
+    wait_s = max(0.0, backward_done - clock.started - clock.compute_s)  # host clock: time blocked in the reduction
+    return StepResult(compute, batches, loss_sums, wait_s)
