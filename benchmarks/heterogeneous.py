@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ class Scenario:
     trace: str | None = None                   # a slowdown trace "step:k_0,k_1;..."
     kind: str = "main"                         # main (long runs, figures), sweep or contention (short runs)
     balancers: tuple[str, ...] = BALANCERS
+    gradient_sync: str = "auto"                # --gradient-sync of its runs
 
 
 def build_scenarios(args) -> list[Scenario]:
@@ -76,7 +77,11 @@ def build_scenarios(args) -> list[Scenario]:
                  Scenario("4 ranks [1,1,1,1]", 4, (1, 1, 1, 1), kind="contention",
                           balancers=("equal",))][:3 if args.quick else 4]
     scenarios += [Scenario(f"sweep [1,{k:g}]", 2, (1, k), kind="sweep") for k in args.sweep]
-    return [s for s in scenarios if not args.only or any(part in s.name for part in args.only)]
+    scenarios = [s for s in scenarios if not args.only or any(part in s.name for part in args.only)]
+    if len(args.gradient_syncs) == 1:
+        return [replace(s, gradient_sync=args.gradient_syncs[0]) for s in scenarios]
+    # both gradient paths in one invocation, interleaved scenario by scenario: "2 ranks [1,3] · ddp"
+    return [replace(s, name=f"{s.name} · {path}", gradient_sync=path) for s in scenarios for path in args.gradient_syncs]
 
 
 def run_config(args, scenario: Scenario, balancer: str) -> RunConfig:
@@ -91,6 +96,7 @@ def run_config(args, scenario: Scenario, balancer: str) -> RunConfig:
         balancer=balancer, slowdown=scenario.slowdown, slowdown_trace=scenario.trace,
         balance_every=args.balance_every, pid_kp=args.pid_kp, pid_ki=args.pid_ki, pid_ema=args.pid_ema,
         dead_band=args.dead_band, max_change=args.max_change, emulated_sample_ms=args.emulated_sample_ms,
+        gradient_sync=scenario.gradient_sync,
         out=str(Path(args.runs_dir) / f"{slug}-{balancer}"), overwrite=True, progress=False,
         timeout_s=120.0)  # a step takes < 2 s: a lost rank fails the run in 2 min, not 5
 
@@ -295,6 +301,8 @@ def main() -> None:
     parser.add_argument("--max-change", type=float, default=0.25)
     parser.add_argument("--emulated-sample-ms", type=float, default=None,
                         help="replace measured compute by exactly b * this * k ms per step (noise-free controller check)")
+    parser.add_argument("--gradient-syncs", nargs="+", default=["auto"], choices=["auto", "ddp", "explicit"],
+                        help="gradient path(s); two run every scenario on both, in one invocation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", help="run only scenarios whose name contains one of these")
     parser.add_argument("--balancers", nargs="+", default=list(BALANCERS), choices=BALANCERS,
@@ -307,7 +315,8 @@ def main() -> None:
     if args.quick:
         args.train_samples, args.epochs, args.sweep, args.sweep_epochs = 1024, 4, [4], 4
         args.test_samples, args.sweep_train_samples = 500, 640
-    partial = args.only or args.emulated_sample_ms is not None or set(args.balancers) != set(BALANCERS)
+    partial = args.only or args.emulated_sample_ms is not None or set(args.balancers) != set(BALANCERS) \
+        or args.gradient_syncs != ["auto"]
     side_dir = ROOT / "runs" / "benchmarks" / ("heterogeneous-quick" if args.quick else "heterogeneous-partial")
     args.runs_dir = args.runs_dir or str(side_dir / "runs" if args.quick or partial
                                          else ROOT / "runs" / "benchmarks" / "heterogeneous")

@@ -270,7 +270,8 @@ class ModelBalancer(Balancer):
     """Fit each rank's step time t_i(b) = a_i + c_i b and solve for the split (LB-BSP, Cannikin), see cost_model.py.
 
     After every step, rank i's (b_i, compute_s_i) joins a sliding window of its last model_window points, to which
-    a Theil-Sen line is fitted (before the window holds two batch sizes: t = c b through the origin).
+    a Theil-Sen line is fitted (until the window's batch sizes spread: t = c b through the origin, refitted every
+    step, so that its residuals measure noise rather than a stale level).
       fit       refitted only while the window's batch sizes spread over >= 10 % of b (and >= 2 samples): a slope
                 from sizes close together is mostly timing noise, so otherwise the last well-spread line stays.
       change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
@@ -332,7 +333,7 @@ class ModelBalancer(Balancer):
         fitted = fit_affine(window) if wide else None
         if fitted is not None:
             self.lines[rank], self.affine[rank] = fitted, True
-        elif line is None:
+        elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
             self.lines[rank] = proportional_fit(window)
         if self.lines[rank] is not None:
             self.spreads[rank] = residual_spread_s(window, self.lines[rank])
