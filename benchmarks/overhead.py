@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core.data import collate_batch, load_datasets  # noqa: E402
 from dynbatch_core.ddp_step import ddp_train_step, wrap_ddp  # noqa: E402
-from dynbatch_core.distributed import LoopbackStore, init_process_group, threads_per_rank  # noqa: E402
+from dynbatch_core.distributed import (LoopbackStore, exit_without_teardown, init_process_group,  # noqa: E402
+                                      threads_per_rank)
 from dynbatch_core.loader import planned_loader  # noqa: E402
 from dynbatch_core.models import build_model  # noqa: E402
 from dynbatch_core.sampler import DynamicBatchSampler  # noqa: E402
@@ -114,6 +115,7 @@ def worker(rank, args, address, results):
     if rank == 0:
         results.put({"rows": rows, "buckets": models["dynbatch DDP"].clock.buckets})
     dist.destroy_process_group()
+    exit_without_teardown(0)
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main_report
         return main_report(args)
     from .config import stored_config
-    from .distributed import launched_by_torchrun
+    from .distributed import exit_without_teardown, launched_by_torchrun
     from .launch import RunFailed, run, train_under_torchrun
     try:
         if args.resume is not None:
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             config = RunConfig(**{k: v for k, v in vars(args).items() if k != "command"})
         if launched_by_torchrun():
             train_under_torchrun(config)
+            exit_without_teardown(0)  # see distributed.exit_without_teardown
         else:
             print(run(config).run_dir)
     except ValueError as error:

@@ -29,8 +29,8 @@ import torch.multiprocessing as mp
 
 from .config import RunConfig, validate_config
 from .console import log
-from .distributed import (LoopbackStore, resolve_device, resolve_gradient_sync, threads_per_rank,
-                          torchrun_identity)
+from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
+                          threads_per_rank, torchrun_identity)
 from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
 from .rundir import git_commit, prepare_run_dir
 from .train import train_worker
@@ -119,6 +119,7 @@ def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
     train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
                  init_method=init_method, device_kind=device_kind, draw_progress=False)
+    exit_without_teardown(0)  # an exception instead propagates: torch.multiprocessing reports its traceback
 
 
 def _die_with_parent(launcher_pid: int, every_s: float = 0.5) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 
 from dynbatch_core import DynamicBatchSampler, build_balancer, decided_by_rank0, uneven_batch_loss
 from dynbatch_core.ddp_step import exchange_measurements, wrap_ddp
+from dynbatch_core.distributed import exit_without_teardown
 from dynbatch_core.loader import planned_loader, prefetch_depth
 from dynbatch_core.sampler import epoch_order
 
@@ -127,4 +127,6 @@ def max_difference_from_one_process(trained_model: nn.Module, dataset: Blobs, st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # os._exit instead of sys.exit: torch 2.14.1's gloo can abort a process while Python tears it down after
+    # destroy_process_group, which torchrun would report as a failed worker (dynbatch_core.distributed explains)
+    exit_without_teardown(main())

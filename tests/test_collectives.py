@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dynbatch_core.agreement import check_ranks_agree, check_run_dir_shared
+from dynbatch_core.distributed import exit_without_teardown
 from dynbatch_core.step import GradientSync, train_step
 from dynbatch_core.train import average_buffers
 
@@ -28,6 +29,7 @@ def in_group(rank: int, world_size: int, store_file: str, results, jobs) -> None
                 results.put((name, rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     finally:
         dist.destroy_process_group()
+    exit_without_teardown(0)
 
 
 @pytest.fixture(scope="module")
