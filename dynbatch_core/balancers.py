@@ -276,8 +276,8 @@ class ModelBalancer(Balancer):
                 from sizes close together is mostly timing noise, so otherwise the last well-spread line stays.
       change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
                 prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
-                measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost) and its
-                window restarts from those points.
+                measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost), and so
+                are the times of the window's older points, which keeps the cost's shape at the new level.
       split     the exact integer min-max split of B on the lines (cost_model.min_max_split).
       hold      the split in use changes only when the new one's predicted step time beats it by more than the
                 largest residual spread (hysteresis in the model's own units), so timing noise does not move it.
@@ -320,11 +320,14 @@ class ModelBalancer(Balancer):
                 self.outliers[rank] = self.outliers[rank] + side if self.outliers[rank] * side > 0 else side
             else:
                 self.outliers[rank] = 0
-            if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale, restart the window
+            if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale line and history
                 recent = window[-CHANGE_STEPS:]
                 ratio = statistics.median(t / max(line.time_s(b), 1e-12) for b, t in recent)
-                self.lines[rank], self.points[rank], self.outliers[rank] = line.scaled(ratio), list(recent), 0
-                self.spreads[rank] = residual_spread_s(recent, self.lines[rank])
+                # Older points keep their batch sizes and move to the new speed: the window keeps the shape of the
+                # cost (a fit from a few new points alone would be mostly noise) at the level just measured.
+                window[:-CHANGE_STEPS] = [(b, t * ratio) for b, t in window[:-CHANGE_STEPS]]
+                self.lines[rank], self.outliers[rank] = line.scaled(ratio), 0
+                self.spreads[rank] = residual_spread_s(window, self.lines[rank])
                 return
         batches = [b for b, _ in window]
         # A slope from batch sizes close together is mostly timing noise: refit only on a wide enough spread,

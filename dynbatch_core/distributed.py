@@ -13,6 +13,7 @@ torchrun's own rendezvous: multi-node needs the network, so they belong on a tru
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -146,13 +147,15 @@ def init_process_group(device_kind: str, rank: int, world_size: int, init_method
 
 
 def exit_without_teardown(code: int = 0) -> None:
-    """End a rank's process now: flush, then os._exit, skipping the interpreter's teardown of C++ objects.
+    """End a rank's process now: run the atexit handlers, flush, then os._exit, skipping the interpreter's
+    teardown of C++ objects.
 
     With torch 2.14.1, about one gloo rank process in ten aborted *after* destroy_process_group, while Python
     finalised ("terminate called without an active exception", SIGABRT), turning finished runs into failures;
     with os._exit none did in the same loop (measured on tests/test_collectives.py: 3/20 vs 0/12). Call it only
     when everything the process writes has been written.
     """
+    atexit._run_exitfuncs()  # Python's own exit handlers still run (multiprocessing releases its semaphores)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
