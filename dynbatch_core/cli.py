@@ -1,6 +1,6 @@
 """Command line: `python -m dynbatch_core train [flags]`; every flag is a RunConfig field.
 
-    python -m dynbatch_core train --dataset mnist --data-dir ../shared/data --model resnet20 --world-size 2 \
+    python -m dynbatch_core train --dataset mnist --data-dir DIR --model resnet20 --world-size 2 \
         --epochs 2 --train-samples 8192
     torchrun --standalone --nproc-per-node 2 -m dynbatch_core train --dataset mnist --epochs 1
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .step import StepOptions, StepResult, forward_backward, optimizer_step
+from .step import StepOptions, StepResult, forward_backward, optimizer_step, take_emulated_delay
 
 
 class BucketClock:
@@ -38,14 +38,18 @@ class BucketClock:
         self.cuda = device.type == "cuda"
         self.started = 0.0
         self.compute_s = 0.0
+        self.batch = 0
         self.slowdown = 1.0
-        self.emulated_s: float | None = None   # exact compute seconds to report and take (emulation), or None
-        self.buckets = 0                       # gradient buckets seen in the current step
+        self.emulated_sample_s: float | None = None   # emulation (see step.take_emulated_delay), or None
+        self.emulated_step_s = 0.0
+        self.buckets = 0                              # gradient buckets seen in the current step
         self._start_event = self._ready_event = None
 
-    def start(self, *, slowdown: float = 1.0, emulated_s: float | None = None) -> None:
-        """Call at the start of every step, before forward."""
-        self.slowdown, self.emulated_s, self.compute_s, self.buckets = slowdown, emulated_s, 0.0, 0
+    def start(self, *, batch: int = 0, slowdown: float = 1.0, emulated_sample_s: float | None = None,
+              emulated_step_s: float = 0.0) -> None:
+        """Call at the start of every step, before forward (batch: this rank's samples, for the emulation)."""
+        self.batch, self.slowdown, self.compute_s, self.buckets = batch, slowdown, 0.0, 0
+        self.emulated_sample_s, self.emulated_step_s = emulated_sample_s, emulated_step_s
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._ready_event = torch.cuda.Event(enable_timing=True)
@@ -61,14 +65,8 @@ class BucketClock:
 
     def last_bucket_ready(self) -> None:
         """Measure this rank's compute time and take the emulated delay, before the last all-reduce starts."""
-        compute_s = self.elapsed_s()
-        if self.emulated_s is not None:
-            time.sleep(max(0.0, self.emulated_s - compute_s))
-            compute_s = self.emulated_s
-        elif self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * compute_s)
-            compute_s *= self.slowdown
-        self.compute_s = compute_s
+        self.compute_s = take_emulated_delay(self.elapsed_s(), self.batch, self.slowdown, self.emulated_sample_s,
+                                             self.emulated_step_s)
 
 
 def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -113,9 +111,9 @@ def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimi
                    options: StepOptions = StepOptions()) -> StepResult:
     """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
     clock: BucketClock = model.clock
-    emulated_s = None if emulated_sample_s is None else (emulated_step_s + len(labels) * emulated_sample_s) * slowdown
     optimizer.zero_grad(set_to_none=True)
-    clock.start(slowdown=slowdown, emulated_s=emulated_s)
+    clock.start(batch=len(labels), slowdown=slowdown, emulated_sample_s=emulated_sample_s,
+                emulated_step_s=emulated_step_s)
     loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync)
     backward_done = time.perf_counter()
     compute, batches, loss_sums = exchange_measurements(clock.compute_s, len(labels), device=images.device,

@@ -408,6 +408,11 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--notebooks", nargs="+", choices=NOTEBOOKS, default=list(NOTEBOOKS), metavar="NAME",
                         help=f"which notebooks to execute (default: all of {', '.join(NOTEBOOKS)})")
     parser.add_argument("--out", default="outputs", help="output folder, relative to the repo root (default: outputs)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with mnist.npz / cifar10.npz (or torchvision's files) for every notebook; "
+                             "default: $DYNBATCH_DATA, else the small embedded subsets")
+    parser.add_argument("--download", action="store_true",
+                        help="let every notebook download its dataset with torchvision (needs internet)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
     parser.add_argument("--no-execute", action="store_true", help="only rewrite REPORT.md from <out>")
     return parser
@@ -460,7 +465,8 @@ def main_report(args: argparse.Namespace) -> int:
         for notebook in bar:
             bar.set_postfix_str(notebook)
             try:
-                seconds = execute_notebook(repo, notebook, args.params, out, args.kernel)
+                seconds = execute_notebook(repo, notebook, args.params, out, args.kernel,
+                                           parameters=data_parameters(args, repo, notebook))
                 bar.write(f"[dynbatch] {notebook}: {seconds:.0f} s -> {out / 'notebooks' / (notebook + '.ipynb')}")
             except Exception as error:  # papermill's PapermillExecutionError, a missing kernel, bad YAML ...
                 failed.append(notebook)
@@ -469,6 +475,17 @@ def main_report(args: argparse.Namespace) -> int:
     report_path = write_report(repo, out, failed)
     print(report_path)
     return 1 if failed else 0
+
+
+def data_parameters(args: argparse.Namespace, repo: Path, notebook: str) -> dict:
+    """--data-dir and --download as notebook parameters (absolute, so the notebooks' cwd does not matter)."""
+    parameters = {}
+    if args.data_dir is not None:
+        parameters["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
+    if args.download:
+        overrides = load_parameters(repo, notebook, args.params).get("config_overrides") or {}
+        parameters["config_overrides"] = {**overrides, "download": True}
+    return parameters
 
 
 def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:

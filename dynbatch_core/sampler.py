@@ -87,8 +87,7 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank_batches = list(rank_batches) if rank_batches else [1] * world_size
         self.last_rank_batches: list[int] = [0] * world_size
         self.require_plans = require_plans
-        self.plans: dict[int, list[int]] = {}  # step of this epoch -> planned split
-        self._yielded: dict[int, list[int]] = {}  # step of this epoch -> the split requested when it was yielded
+        self.plans: dict[int, list[int]] = {}  # step of this epoch -> planned split (kept until the epoch ends)
         self._order: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,7 +95,7 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         sample; the current epoch continues from its cursor (where load_state_dict or an unfinished iteration left
         it), so a resumed run can call set_epoch as usual; a finished current epoch starts over at its first sample."""
         if epoch != self.epoch or self.cursor >= self.num_samples:
-            self.epoch, self.cursor, self.steps_in_epoch, self.plans, self._yielded = epoch, 0, 0, {}, {}
+            self.epoch, self.cursor, self.steps_in_epoch, self.plans = epoch, 0, 0, {}
         self._order = None
 
     def plan_step(self, step: int, rank_batches: Sequence[int]) -> None:
@@ -130,20 +129,21 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def next_step_batches(self) -> list[int]:
         """The per-rank sizes the next step will really have (short only at the end of the epoch)."""
-        requested = self.requested_batches()
+        return self._cut(self.requested_batches())
+
+    def _cut(self, requested: list[int]) -> list[int]:
+        """The requested split, or what is left of the epoch split in its proportions."""
         if sum(requested) <= self.remaining:
-            return list(requested)
+            return requested
         return largest_remainder_split(self.remaining, requested, min_size=0)
 
     def __iter__(self) -> Iterator[StepPlan]:
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
         while self.cursor < self.num_samples:
-            step_batches = self.next_step_batches()
+            step_batches = self._cut(self.requested_batches())
             start, stop = rank_slices(step_batches)[self.rank]
             plan = StepPlan(order[self.cursor + start:self.cursor + stop].tolist(), epoch=self.epoch,
                             step=self.steps_in_epoch, offset=self.cursor, rank_batches=step_batches)
-            self._yielded[self.steps_in_epoch] = self.requested_batches()
-            self.plans.pop(self.steps_in_epoch, None)
             self.last_rank_batches = step_batches
             self.cursor += sum(step_batches)
             self.steps_in_epoch += 1
@@ -156,19 +156,14 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
     def state_dict(self, trained: StepPlan | None = None) -> dict:
         """The position to resume from. With a prefetching loader the sampler runs ahead of training: pass the last
         trained step's plan (`trained`) to record the position after it, with the plans of every later step (the
-        ones already handed to the loader included), so a resumed run trains exactly the same steps."""
-        state = {"epoch": self.epoch, "cursor": self.cursor, "steps_in_epoch": self.steps_in_epoch,
-                 "seed": self.seed, "num_samples": self.num_samples, "rank_batches": list(self.rank_batches),
-                 "plans": [[step, list(split)] for step, split in sorted(self.plans.items())]}
+        ones already handed to the loader included, so steps must be planned), so a resumed run trains exactly
+        the same steps."""
+        cursor, steps = self.cursor, self.steps_in_epoch
         if trained is not None and trained.epoch == self.epoch and trained.step + 1 < self.steps_in_epoch:
-            handed_out = self._handed_out_since(trained)
-            state.update(cursor=trained.offset + trained.global_batch, steps_in_epoch=trained.step + 1,
-                         plans=sorted(handed_out + state["plans"]))
-        return state
-
-    def _handed_out_since(self, trained: StepPlan) -> list[list]:
-        """The splits the sampler already yielded after `trained` (recorded as they were planned or defaulted)."""
-        return [[step, list(split)] for step, split in self._yielded.items() if step > trained.step]
+            cursor, steps = trained.offset + trained.global_batch, trained.step + 1
+        return {"epoch": self.epoch, "cursor": cursor, "steps_in_epoch": steps, "seed": self.seed,
+                "num_samples": self.num_samples, "rank_batches": list(self.rank_batches),
+                "plans": [[step, list(split)] for step, split in sorted(self.plans.items()) if step >= steps]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue mid-epoch; the position is global, so a different world size can resume it (re-cut)."""
@@ -176,7 +171,7 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, "
                              f"this sampler has {self.num_samples} samples with seed {self.seed}")
         self.epoch, self.cursor, self.steps_in_epoch = state["epoch"], state["cursor"], state["steps_in_epoch"]
-        self.plans, self._yielded = {}, {}
+        self.plans = {}
         if len(state["rank_batches"]) == self.world_size:
             self.rank_batches = list(state["rank_batches"])
             self.plans = {int(step): list(split) for step, split in state.get("plans", [])}

@@ -148,6 +148,20 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, opt
         optimizer.step()
 
 
+def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulated_sample_s: float | None,
+                        emulated_step_s: float = 0.0) -> float:
+    """Sleep so that this rank looks `slowdown` times slower (or takes exactly the emulated cost); returns the
+    compute seconds to report. Call it when forward and backward are done, before the reduction."""
+    if emulated_sample_s is not None:
+        target_s = (emulated_step_s + batch * emulated_sample_s) * slowdown
+        time.sleep(max(0.0, target_s - compute_s))
+        return target_s
+    if slowdown > 1.0:
+        # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
+        time.sleep((slowdown - 1.0) * compute_s)
+    return compute_s * max(slowdown, 1.0)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
                slowdown: float = 1.0, emulated_sample_s: float | None = None,
@@ -164,15 +178,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     started = time.perf_counter()
     loss_sum = forward_backward(model, images, labels, global_batch, options)
     compute_s = time.perf_counter() - started
-    if emulated_sample_s is not None:
-        target_s = (emulated_step_s + len(labels) * emulated_sample_s) * slowdown
-        time.sleep(max(0.0, target_s - compute_s))
-        compute_s = target_s
-    elif slowdown > 1.0:
-        # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
-        time.sleep((slowdown - 1.0) * compute_s)
-        compute_s *= slowdown
-
+    compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s)
     stats = torch.zeros(3, world_size, dtype=torch.float64, device=images.device)
     stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum], dtype=torch.float64)
     waited_from = time.perf_counter()

@@ -50,7 +50,7 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     try:
         device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
         if init_method == "env://":  # torchrun: the nodes may not share a filesystem
-            check_run_dir_shared(Path(run_dir), device=device)
+            check_run_dir_shared(Path(run_dir))
         trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
         if config.resume is not None:
             trainer.resume()
@@ -136,32 +136,33 @@ class RankTrainer:
         def decide():
             decision = self.schedule.decide(epoch, self.history)
             return [decision.global_batch, decision.lr_factor]
-        global_batch, lr_factor = decided_by_rank0(decide, device=self.device)
+        global_batch, lr_factor = decided_by_rank0(decide, 2, device=self.device)
         return ScheduleDecision(int(global_batch), lr_factor)
 
     def decide_split(self, global_batch: int) -> list[int]:
-        return decided_by_rank0(lambda: self.balancer.split(global_batch), device=self.device, integers=True)
+        return decided_by_rank0(lambda: self.balancer.split(global_batch), self.world_size, device=self.device,
+                                integers=True)
 
     def train_epoch(self) -> None:
         config, progress, epoch = self.config, self.progress, self.progress.epoch
         decision = self.decide_schedule(epoch)
-        # The guard: a disagreement would otherwise surface as a hang in some later collective.
-        check_ranks_agree({"global batch": decision.global_batch, "split": self.decide_split(decision.global_batch),
-                           "step": progress.global_step}, device=self.device, where=f"at the start of epoch {epoch + 1}")
-        self.fault.before_epoch(self.rank, epoch)
         target_lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) \
             * decision.lr_factor
         total_samples = config.epochs * len(self.train_set)
         self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
         self.train_set.set_epoch(epoch)
+        for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
+            if step not in self.sampler.plans:  # a resumed run restored the plans it had already made
+                self.sampler.plan_step(step, self.decide_split(decision.global_batch))
+        # The guard: a disagreement would otherwise surface as a hang in some later collective.
+        check_ranks_agree({"global batch": decision.global_batch, "split": self.sampler.requested_batches(),
+                           "step": progress.global_step}, where=f"at the start of epoch {epoch + 1}")
+        self.fault.before_epoch(self.rank, epoch)
         bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
                            description=f"epoch {epoch + 1}/{config.epochs} B={decision.global_batch}",
                            enabled=self.draw_progress)
         bar.update(progress.epoch_steps)
         segment_started = time.perf_counter()
-        for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
-            if step not in self.sampler.plans:  # a resumed run restored the plans it had already made
-                self.sampler.plan_step(step, self.decide_split(decision.global_batch))
         batches = iter(self.loader)
         while self.steps_left():
             try:
@@ -232,7 +233,7 @@ class RankTrainer:
         config, progress = self.config, self.progress
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
         self.balancer.end_epoch()
-        my_samples = sum(row["batch_size"] for row in self.my_rows if row["epoch"] == progress.epoch)
+        my_samples = sum(row["batch_size"] for row in self.my_rows)  # this epoch's rows
         test_loss, test_acc = evaluate(self.module, self.test_set, rank=self.rank, world_size=self.world_size,
                                        device=self.device, buffer_weight=my_samples)
         train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)

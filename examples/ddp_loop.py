@@ -80,7 +80,7 @@ def main() -> int:
         balancer = build_balancer("pid", world)
 
     def next_split() -> list[int]:
-        return decided_by_rank0(lambda: balancer.split(args.batch_size), device=device, integers=True)
+        return decided_by_rank0(lambda: balancer.split(args.batch_size), world, device=device, integers=True)
 
     trained = []  # (epoch, offset, global batch) of every step, for --check
     for epoch in range(args.epochs):

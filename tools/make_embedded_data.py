@@ -1,6 +1,6 @@
 """Write the small dataset subsets shipped in dynbatch_core/embedded/ from the full offline npz files.
 
-    python tools/make_embedded_data.py --source ../shared/data
+    python tools/make_embedded_data.py --source DIR    # DIR: the folder with mnist.npz / cifar10.npz
 
 mnist.npz   = first 6000 train / first 1000 test images of <source>/mnist.npz (original MNIST order);
 cifar10.npz = first 2000 train / first 500 test images of <source>/cifar10.npz (classes interleaved round-robin, so
