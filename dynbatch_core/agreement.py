@@ -3,7 +3,6 @@
     decision = decided_by_rank0(lambda: [64, 1.0], 2, device=device)      # every rank: rank 0's [64, 1.0]
     split = decided_by_rank0(lambda: balancer.split(64), world_size, device=device, integers=True)
     check_ranks_agree({"global batch": 64, "split": [16, 48], "step": 120}, where="at the start of epoch 3")
-    check_run_dir_shared(run_dir)                                          # torchrun: one run folder for all nodes
 
 Why rank 0 decides and broadcasts instead of every rank recomputing: the inputs of a decision are not always the
 same on every rank (each rank times its own epoch; rank 0 starts every epoch a little later because it publishes
@@ -16,14 +15,11 @@ rank holds and fails with one line naming the disagreement instead of hanging.
 """
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-SHARED_TOKEN_FILE = ".run-folder-token"
 
 
 def _distributed() -> bool:
@@ -70,32 +66,3 @@ def max_over_ranks(value: float, *, device: torch.device | str = "cpu") -> float
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
-
-
-def check_run_dir_shared(run_dir: Path) -> None:
-    """Collective: refuse (ValueError, one line) a run folder that is not the same folder on every rank.
-
-    Rank 0 writes a fresh token into the folder; every rank reads it back. Multi-node runs need a shared run folder
-    (a network filesystem): checkpoints, the latest.json pointer and resume all live there.
-    """
-    if not _distributed():
-        return
-    run_dir, token = Path(run_dir), uuid.uuid4().hex
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SHARED_TOKEN_FILE).write_text(token)
-    expected = [token]
-    dist.broadcast_object_list(expected, src=0)
-    try:
-        seen = (run_dir / SHARED_TOKEN_FILE).read_text()
-    except OSError:
-        seen = ""
-    sees = [None] * dist.get_world_size()
-    dist.all_gather_object(sees, seen == expected[0])
-    if dist.get_rank() == 0:
-        (run_dir / SHARED_TOKEN_FILE).unlink(missing_ok=True)
-    apart = [rank for rank, ok in enumerate(sees) if not ok]
-    if apart:
-        raise ValueError(f"run folder {run_dir} is not shared: rank(s) {', '.join(map(str, apart))} do not see rank "
-                         "0's files there; multi-node runs need one run folder on a filesystem every node shares "
-                         "(e.g. NFS)")

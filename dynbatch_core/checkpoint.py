@@ -1,16 +1,20 @@
-"""Checkpoints: everything a rank needs to continue a run exactly, one file per rank, written atomically.
+"""Checkpoints: one file per checkpoint, written by rank 0, that any number of ranks can resume.
 
-    save_checkpoint(run_dir, rank=rank, world_size=world_size, step=120, payload=state)   # every rank, collectively
-    found = latest_checkpoint(run_dir)          # (folder, meta) of the newest complete checkpoint, or None
-    state = load_checkpoint(found[0] / f"rank{rank}.pt")
+    save_checkpoint(run_dir, step=120, world_size=2, state=state)   # rank 0, after gathering every rank's part
+    found = latest_checkpoint(run_dir)       # (folder, meta) of the newest published checkpoint, or None
+    state = load_checkpoint(found[0] / STATE_FILE)
 
-Layout: run_dir/checkpoints/step-00000120/rank{r}.pt, and run_dir/checkpoints/latest.json naming the newest folder
-in which *every* rank's file is complete (rank 0 writes it after a barrier, by atomic rename), so a run killed
-while writing resumes from the previous checkpoint. latest.json also lists the KEEP = 2 most recently published
-folders; those are kept, and every other folder older than the newest is deleted (see prune_checkpoints), so a
-partial folder left by a failed attempt never takes the place of a published checkpoint.
+Layout: run_dir/checkpoints/step-00000120/state.pt and run_dir/checkpoints/latest.json, which names the newest
+published folder. The state is written atomically and only then published (latest.json, also by atomic rename), so
+a run killed while writing resumes from the previous checkpoint. latest.json also lists the KEEP = 2 most recently
+published folders; those are kept, and every other folder older than the newest is deleted (see
+prune_checkpoints), so a partial folder left by a failed attempt never takes the place of a published checkpoint.
 
-Payloads hold only tensors and plain containers, so they load with torch.load(..., weights_only=True).
+The state does not depend on the world size: model, optimizer, schedule, sampler cursor (a global position),
+progress, history and tables once, plus each rank's own part (batch-norm buffers, RNG, its rows of the current
+epoch) as a list that a resume with the same world size restores rank by rank and a resume with another one merges
+(train.RankTrainer.resume says how). Payloads hold only tensors and plain containers, so they load with
+torch.load(..., weights_only=True).
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .metrics import write_atomic, write_json
 
-FORMAT = "dynbatch-checkpoint-1"
+FORMAT = "dynbatch-checkpoint-2"
+OLD_FORMATS = {"dynbatch-checkpoint-1": "one file per rank"}
+STATE_FILE = "state.pt"
 KEEP = 2
 
 
@@ -35,19 +40,18 @@ def checkpoints_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, *, rank: int, world_size: int, step: int, payload: dict) -> None:
-    """Collective: every rank writes its file, then rank 0 points latest.json at the new folder."""
-    folder = checkpoints_root(run_dir) / f"step-{step:08d}"
+def save_checkpoint(run_dir: Path, *, step: int, world_size: int, state: dict) -> Path:
+    """Rank 0: write the state, then point latest.json at its folder. Returns the folder."""
+    root = checkpoints_root(run_dir)
+    folder = root / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "rank": rank, "world_size": world_size, "step": step, **payload}
-    write_atomic(folder / f"rank{rank}.pt", lambda tmp: torch.save(payload, tmp))
-    dist.barrier()
-    if rank == 0:
-        root = checkpoints_root(run_dir)
-        published = ([name for name in _published(root) if name != folder.name] + [folder.name])[-KEEP:]
-        write_json(root / "latest.json",
-                   {"folder": folder.name, "step": step, "world_size": world_size, "published": published})
-        prune_checkpoints(root, published)
+    state = {"format": FORMAT, "world_size": world_size, "step": step, **state}
+    write_atomic(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    published = ([name for name in _published(root) if name != folder.name] + [folder.name])[-KEEP:]
+    write_json(root / "latest.json", {"folder": folder.name, "step": step, "world_size": world_size,
+                                      "format": FORMAT, "published": published})
+    prune_checkpoints(root, published)
+    return folder
 
 
 def prune_checkpoints(root: Path, published: list[str], keep: int = KEEP) -> None:
@@ -91,7 +95,13 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load one rank's checkpoint; a missing, corrupt or foreign file is a ValueError naming it."""
+    """Load a checkpoint's state; a missing, corrupt, foreign or old-format file is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists() and path.parent.is_dir():
+        old = sorted(path.parent.glob("rank*.pt"))
+        if old:
+            raise ValueError(f"checkpoint {path.parent} has the older format dynbatch-checkpoint-1 (one file per "
+                             "rank); resume it with that version of dynbatch, or start the run over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -99,9 +109,12 @@ def load_checkpoint(path: Path) -> dict:
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"checkpoint file {path} is corrupt or not a dynbatch checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint file {path} is not a dynbatch checkpoint (format "
-                         f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found in OLD_FORMATS:
+        raise ValueError(f"checkpoint file {path} has the older format {found} ({OLD_FORMATS[found]}); resume it "
+                         "with that version of dynbatch, or start the run over")
+    if found != FORMAT:
+        raise ValueError(f"checkpoint file {path} is not a dynbatch checkpoint (format {found!r})")
     return state
 
 

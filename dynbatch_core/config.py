@@ -105,8 +105,8 @@ class RunConfig:
                                  "(default: a new folder under runs/)")
     checkpoint_every: int = _opt(0, "also checkpoint every N global steps (0: only at the end of each epoch)")
     checkpoints: bool = _opt(True, "write checkpoints into the run folder (needed for --resume)")
-    resume: str | None = _opt(None, "continue the run in this folder from its latest checkpoint (other flags "
-                                    "default to that run's values)")
+    resume: str | None = _opt(None, "continue the run in this folder from its latest checkpoint, on any number of "
+                                    "ranks (other flags default to that run's values)")
     overwrite: bool = _opt(False, "allow writing into an existing, non-empty run folder")
     progress: bool = _opt(True, "show a progress bar on rank 0")
 
@@ -184,10 +184,11 @@ def balancer_options(config: RunConfig) -> dict:
 
 
 # Fields a resumed run may change: they do not alter the computation of the steps already taken (a CPU checkpoint
-# may continue on GPUs: only the summation order changes).
+# may continue on GPUs, or on another number of ranks: only the summation order changes). The per-rank settings
+# are given anew for the new number of ranks.
 RESUME_MAY_CHANGE = {"threads", "epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
                      "overwrite", "resume", "data_dir", "download", "device", "gradient_sync",
-                     "max_micro_batch"}
+                     "max_micro_batch", "world_size", "slowdown", "slowdown_trace", "rank_weights"}
 
 
 def stored_config(run_dir: str | Path) -> RunConfig:
@@ -208,24 +209,24 @@ def _as_tuple(value):
 
 
 def check_resume(config: RunConfig) -> None:
-    """--resume must name a run folder with a checkpoint, written by the same world size and computation."""
+    """--resume must name a run folder with a checkpoint of the same computation (any world size)."""
     from .checkpoint import latest_checkpoint
     run_dir = Path(config.resume)
     if not run_dir.is_dir():
         raise ValueError(f"--resume {config.resume}: no such run folder")
-    found = latest_checkpoint(run_dir)
-    if found is None:
+    if latest_checkpoint(run_dir) is None:
         raise ValueError(f"--resume {config.resume}: the run folder holds no checkpoint to resume from")
-    stored = stored_config(run_dir)
-    if found[1]["world_size"] != config.world_size:
-        raise ValueError(f"--resume {config.resume}: its checkpoint was written by {found[1]['world_size']} ranks, "
-                         f"this run has --world-size {config.world_size}; resume with the same world size")
+    check_same_computation(stored_config(run_dir), config, where=f"--resume {config.resume}")
+
+
+def check_same_computation(stored: RunConfig, config: RunConfig, *, where: str) -> None:
+    """Refuse a resumed configuration that changes anything but RESUME_MAY_CHANGE (one line naming both values)."""
     for option in dataclasses.fields(RunConfig):
         if option.name in RESUME_MAY_CHANGE:
             continue
         before, now = getattr(stored, option.name), getattr(config, option.name)
         if _as_tuple(before) != _as_tuple(now):  # config.json stores (16, 32) as [16, 32]; the API may pass either
-            raise ValueError(f"--resume {config.resume}: --{option.name.replace('_', '-')} was {before!r} in that "
+            raise ValueError(f"{where}: --{option.name.replace('_', '-')} was {before!r} in that "
                              f"run, now {now!r}; a resumed run may only change "
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
 

@@ -18,6 +18,8 @@ import datetime
 import os
 import socket
 import sys
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -138,12 +140,53 @@ def init_process_group(device_kind: str, rank: int, world_size: int, init_method
         return
     if init_method != "env://":
         raise ValueError(f"unsupported init_method {init_method!r}: expected env:// or {LOOPBACK_PREFIX}PORT")
-    # Under torchrun the rendezvous store outlives a restart of the group; without a per-attempt namespace the
+    # Under torchrun the rendezvous store outlives a restart of the group; without a namespace of this round the
     # new ranks would read the dead ranks' addresses and fail to connect.
     store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"dynbatch/attempt-{attempt}", store), rank=rank,
+    round_id = agree_on_round(store, rank, world_size, timeout_s=timeout_s)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dynbatch/round-{round_id}", store), rank=rank,
                             world_size=world_size, timeout=timeout)
+
+
+def agree_on_round(store: dist.Store, rank: int, world_size: int, *, timeout_s: float, poll_s: float = 0.02) -> str:
+    """A name that every rank of this rendezvous round shares and no earlier round used.
+
+    torchrun's TORCHELASTIC_RESTART_COUNT is no such name: a change of membership does not bump it, and a node that
+    joins later starts at 0. So rank 0 makes up a fresh name and hands it to every other rank, which first says
+    hello with a fresh token of its own: keys an earlier round left in the store (a hello never answered, a reply
+    never read) carry tokens nobody waits for any more, so they cannot be mistaken for this round's.
+    """
+    deadline = time.monotonic() + timeout_s
+    if rank != 0:
+        hello, said = uuid.uuid4().hex, 0.0
+        while True:
+            if time.monotonic() - said > 0.5:  # again now and then: rank 0 may have deleted it as an old one
+                store.set(f"dynbatch/hello/{rank}", hello)
+                said = time.monotonic()
+            if store.check([f"dynbatch/reply/{rank}"]):
+                token, _, round_id = store.get(f"dynbatch/reply/{rank}").decode().partition(":")
+                if token == hello:
+                    store.set(f"dynbatch/ack/{rank}", round_id)
+                    return round_id
+            _wait_or_fail(deadline, poll_s, f"rank {rank} heard no round name from rank 0")
+    round_id, waiting = uuid.uuid4().hex, set(range(1, world_size))
+    while waiting:
+        for other in sorted(waiting):
+            if store.check([f"dynbatch/hello/{other}"]):
+                hello = store.get(f"dynbatch/hello/{other}").decode()
+                store.delete_key(f"dynbatch/hello/{other}")
+                store.set(f"dynbatch/reply/{other}", f"{hello}:{round_id}")
+            if store.check([f"dynbatch/ack/{other}"]) and store.get(f"dynbatch/ack/{other}").decode() == round_id:
+                waiting.discard(other)
+        if waiting:
+            _wait_or_fail(deadline, poll_s, f"rank 0 heard no hello from rank(s) {sorted(waiting)}")
+    return round_id
+
+
+def _wait_or_fail(deadline: float, poll_s: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"{what} within the timeout: a rank of this rendezvous round did not start")
+    time.sleep(poll_s)
 
 
 def exit_without_teardown(code: int = 0) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -81,28 +82,32 @@ def run(config: RunConfig) -> RunResult:
 def train_under_torchrun(config: RunConfig) -> Path:
     """Entry point for a process started by torchrun; every process of the job calls it.
 
-    After torchrun restarts the group (--max-restarts), the run continues from its latest checkpoint.
+    A run folder that holds a published checkpoint is continued: after torchrun restarts the group
+    (--max-restarts), and after a change of membership (--nnodes MIN:MAX), whatever the new number of ranks. A
+    node without one may still continue from another node's checkpoint (elastic.newest_checkpoint), so whether to
+    resume never depends on TORCHELASTIC_RESTART_COUNT, which a membership change does not bump.
     """
     rank, world_size, local_rank, local_world_size = torchrun_identity()
     config = dataclasses.replace(config, world_size=world_size)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if config.out is None:
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if config.out is None and config.resume is None:
         if run_id in ("", "none"):
             raise ValueError("under torchrun without --standalone or --rdzv-id, pass --out (every node must name "
                              "the same run folder)")
         config = dataclasses.replace(config, out=str(Path("runs") / f"torchrun-{run_id}"))
-    if restarted:  # torchrun restarted the group after a failure: continue from the run's latest checkpoint
-        config = dataclasses.replace(config, resume=config.out) if _has_checkpoint(config.out) \
-            else dataclasses.replace(config, overwrite=True)
+    folder = config.resume or config.out  # under torchrun --resume X is --out X: what is there is continued
+    config = dataclasses.replace(config, out=folder, resume=folder if _has_checkpoint(folder) else None)
+    if config.resume is None and _started_by_this_job(folder, run_id):  # died before its first checkpoint
+        config = dataclasses.replace(config, overwrite=True)
     data_source = validate_config(config)
     device_kind = resolve_device(config.device, local_world_size)
-    run_dir = Path(config.resume or config.out).expanduser().resolve()
+    run_dir = Path(folder).expanduser().resolve()
     if rank == 0:
-        run_dir = _open_run_dir(config, device_kind)
+        run_dir = _open_run_dir(config, device_kind, torchrun_run_id=run_id)
         log(f"data: {data_source}")
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log(f"torchrun: {world_size} rank(s) on {_device_line(device_kind, config.device, local_world_size, config.threads)}; "
-            f"run folder {run_dir}" + (f" (restart {os.environ['TORCHELASTIC_RESTART_COUNT']})" if restarted else ""))
+            f"run folder {run_dir}" + (f" (restart {restarts})" if restarts != "0" else ""))
     train_worker(config, rank=rank, local_rank=local_rank, local_world_size=local_world_size, run_dir=run_dir,
                  init_method="env://", device_kind=device_kind, draw_progress=True)
     return run_dir
@@ -111,6 +116,15 @@ def train_under_torchrun(config: RunConfig) -> Path:
 def _has_checkpoint(run_dir: str) -> bool:
     from .checkpoint import latest_checkpoint
     return Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None
+
+
+def _started_by_this_job(run_dir: str, run_id: str) -> bool:
+    """The folder's config.json was written by this torchrun job (same rendezvous id): its own earlier round."""
+    try:
+        resolved = json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return run_id not in ("", "none") and resolved.get("torchrun_run_id") == run_id
 
 
 def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str,
@@ -188,13 +202,14 @@ def _traceback_of(error: mp.ProcessRaisedException) -> str:
     return f"{last}\n{text}"
 
 
-def _open_run_dir(config: RunConfig, device_kind: str) -> Path:
+def _open_run_dir(config: RunConfig, device_kind: str, torchrun_run_id: str | None = None) -> Path:
     if config.resume is not None:
         return Path(config.resume).expanduser().resolve()
     run_dir = prepare_run_dir(config.out, overwrite=config.overwrite, label=_run_label(config))
     write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {
         "balancer": config.balancer_name, "device": device_kind,
-        "gradient_sync": resolve_gradient_sync(config.gradient_sync, device_kind), "git_commit": git_commit()}})
+        "gradient_sync": resolve_gradient_sync(config.gradient_sync, device_kind), "git_commit": git_commit(),
+        **({"torchrun_run_id": torchrun_run_id} if torchrun_run_id else {})}})
     return run_dir
 
 

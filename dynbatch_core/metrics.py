@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the launching process to draw its progress bar
-STEP_COLUMNS = ["epoch", "step", "rank", "batch_size", "global_batch", "compute_s", "wait_s", "loss", "lr",
+STEP_COLUMNS = ["epoch", "step", "rank", "world_size", "batch_size", "global_batch", "compute_s", "wait_s", "loss", "lr",
                 "model_a_s", "model_c_s"]  # the model balancer's fitted line t = a + c b for this rank (else empty)
-EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc",
+EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc", "world_size",
                  "epoch_s", "wall_s", "samples_per_s"]
 
 

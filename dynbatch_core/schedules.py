@@ -79,11 +79,15 @@ class Schedule:
         so they are its whole state, and restoring it into a schedule built with other options is refused."""
         return {"schedule": self.name, "options": self.decision_options()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, bounds_may_change: bool = False) -> None:
+        """bounds_may_change: a resume on another number of ranks, where min_batch and max_batch follow the
+        world size unless they were given."""
         if state.get("schedule", self.name) != self.name:
             raise ValueError(f"schedule state is for {state['schedule']!r}, this schedule is {self.name!r}")
         current = self.decision_options()
         for name, stored in state.get("options", {}).items():  # states saved before options were recorded: none
+            if bounds_may_change and name in ("min_batch", "max_batch"):
+                continue
             now = current.get(name, "<not an option of it>")
             if _plain(stored) != now:
                 raise ValueError(f"schedule state has {name}={stored!r}, this {self.name} schedule has "

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .agreement import check_ranks_agree, check_run_dir_shared, decided_by_rank0, max_over_ranks
+from .agreement import check_ranks_agree, decided_by_rank0, max_over_ranks
 from .balancers import build_balancer
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from .config import RunConfig, balancer_options, schedule_options
+from .checkpoint import capture_rng, restore_rng, save_checkpoint
+from .config import RunConfig, balancer_options, check_same_computation, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
+from .elastic import ResumeState, newest_checkpoint, with_node_slowdowns
 from .distributed import init_process_group, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
 from .hetero import SlowdownPlan
@@ -49,11 +50,15 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)
     try:
         device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-        if init_method == "env://":  # torchrun: the nodes may not share a filesystem
-            check_run_dir_shared(Path(run_dir))
+        if init_method == "env://":
+            config = with_node_slowdowns(config)
+        # Under torchrun a restarted or resized job resumes whatever it last published, even from another node.
+        found = newest_checkpoint(Path(run_dir)) if config.resume is not None or init_method == "env://" else None
+        if config.resume is not None and found is None:
+            raise ValueError(f"--resume {config.resume}: no rank finds a checkpoint to resume from")
         trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
-        if config.resume is not None:
-            trainer.resume()
+        if found is not None:
+            trainer.resume(found)
         trainer.fit()
         dist.barrier()
     finally:
@@ -181,7 +186,7 @@ class RankTrainer:
             self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(decision.global_batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
-                "epoch": epoch, "step": progress.global_step, "rank": self.rank,
+                "epoch": epoch, "step": progress.global_step, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": result.rank_batches[self.rank], "global_batch": result.global_batch,
                 "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
                 "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
@@ -245,7 +250,7 @@ class RankTrainer:
             self.epoch_rows.append({
                 "epoch": progress.epoch, "global_batch": global_batch, "steps": progress.epoch_steps,
                 "samples": progress.epoch_samples, "train_loss": train_loss, "test_loss": test_loss,
-                "test_acc": test_acc, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
+                "test_acc": test_acc, "world_size": self.world_size, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
                 "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan")})
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
@@ -262,37 +267,77 @@ class RankTrainer:
         if config.checkpoints:
             self.save_checkpoint()
 
-    def state_dict(self) -> dict:
+    def shared_state(self, epoch_elapsed_s: float) -> dict:
+        """What every rank holds alike (rank 0's copy), whatever the world size."""
+        progress = dataclasses.replace(self.progress, epoch_elapsed_s=epoch_elapsed_s)
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "balancer": self.balancer.state_dict(),
-                "sampler": self.sampler.state_dict(trained=self.trained), "progress": dataclasses.asdict(self.progress),
+                "sampler": self.sampler.state_dict(trained=self.trained), "progress": dataclasses.asdict(progress),
                 "history": [dataclasses.asdict(summary) for summary in self.history],
-                "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "my_rows": self.my_rows,
-                "rng": capture_rng(), "config": self.config.to_dict(), "git_commit": self.git_commit,
+                "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "config": self.config.to_dict(),
+                "git_commit": self.git_commit,
                 "scaler": self.step_options.scaler.state_dict() if self.step_options.scaler is not None else {}}
 
-    def save_checkpoint(self) -> None:
-        save_checkpoint(self.run_dir, rank=self.rank, world_size=self.world_size,
-                        step=self.progress.global_step, payload=self.state_dict())
+    def rank_state(self) -> dict:
+        """What differs between ranks: batch-norm buffers (each rank saw its own slices), RNG, this epoch's rows."""
+        buffers = {name: tensor.detach().cpu() for name, tensor in self.module.named_buffers()
+                   if tensor.is_floating_point()}
+        return {"buffers": buffers, "rng": capture_rng(), "rows": self.my_rows}
 
-    def resume(self) -> None:
-        folder, meta = latest_checkpoint(self.run_dir)
-        state = load_checkpoint(folder / f"rank{self.rank}.pt")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks, not {self.world_size}")
+    def save_checkpoint(self) -> None:
+        """Collective: rank 0 gathers every rank's part and writes the one file."""
+        epoch_elapsed_s = max_over_ranks(self.progress.epoch_elapsed_s, device=self.device)
+        parts = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(self.rank_state(), parts, dst=0)
+        if self.rank == 0:
+            save_checkpoint(self.run_dir, step=self.progress.global_step, world_size=self.world_size,
+                            state={**self.shared_state(epoch_elapsed_s), "ranks": parts})
+        dist.barrier()  # nobody runs ahead of a checkpoint that a restart would resume from
+
+    def resume(self, found: ResumeState) -> None:
+        """Continue from a checkpoint written by any number of ranks.
+
+        Same world size: every rank gets its own buffers, RNG and rows back, and the balancer its state: bit-exact.
+        Another world size: the update of each step is still that of one step on the same union batch, so with
+        the same global batches the weights follow the uninterrupted run up to float summation order. Batch-norm
+        buffers become the mean of the old ranks' (approximate: they depend on the split), rank 0 carries the
+        epoch's rows, and the balancer starts over from the equal split (the old ranks cannot be matched to the
+        new ones).
+        """
+        state, same_size = found.state, found.state["world_size"] == self.world_size
+        check_same_computation(RunConfig.from_dict(state["config"]), self.config, where=f"checkpoint {found.folder}")
         self.module.load_state_dict(state["model"])
+        parts = state["ranks"]
+        mine = parts[self.rank] if same_size else parts[self.rank % len(parts)]
+        buffers = mine["buffers"] if same_size else mean_buffers([part["buffers"] for part in parts])
+        with torch.no_grad():
+            for name, tensor in self.module.named_buffers():
+                if name in buffers:
+                    tensor.copy_(buffers[name])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.step_options.scaler is not None and state.get("scaler"):
             self.step_options.scaler.load_state_dict(state["scaler"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.balancer.load_state_dict(state["balancer"])
+        self.schedule.load_state_dict(state["schedule"], bounds_may_change=not same_size)
+        if same_size:
+            self.balancer.load_state_dict(state["balancer"])
         self.sampler.load_state_dict(state["sampler"])
         self.progress = Progress(**state["progress"])
         self.history = [EpochSummary(**summary) for summary in state["history"]]
-        self.step_rows, self.epoch_rows, self.my_rows = state["step_rows"], state["epoch_rows"], state["my_rows"]
-        restore_rng(state["rng"])
+        self.step_rows, self.epoch_rows = state["step_rows"], state["epoch_rows"]
+        if same_size:
+            self.my_rows = mine["rows"]
+        else:  # rank 0 carries the old ranks' rows of this epoch into the gathered tables
+            self.my_rows = [row for part in parts for row in part["rows"]] if self.rank == 0 else []
+        restore_rng(mine["rng"])
         if self.rank == 0:
-            log(f"resumed from {folder} (step {meta['step']}, epoch {self.progress.epoch + 1})")
+            change = "" if same_size else (f"; written by {state['world_size']} ranks, now {self.world_size}: "
+                                           f"the {self.balancer.name} balancer starts over from the equal split")
+            log(f"resumed from {found.folder} (step {state['step']}, epoch {self.progress.epoch + 1}){change}")
+
+
+def mean_buffers(per_rank: list[dict]) -> dict:
+    return {name: sum(buffers[name].double() for buffers in per_rank).div(len(per_rank)).to(tensor.dtype)
+            for name, tensor in per_rank[0].items()}
 
 
 @torch.no_grad()

@@ -1,18 +1,15 @@
 """Checkpoint pruning on folders made on disk: a partial folder of a failed attempt never displaces a published one."""
 import json
 
-import pytest
-
-from dynbatch_core import checkpoint
 from dynbatch_core.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 
 
-def make_folder(root, step, ranks=(0, 1)):
-    """A checkpoint folder holding the files of `ranks` (a failed attempt's partial folder holds fewer)."""
+def make_folder(root, step, complete=True):
+    """A checkpoint folder, with its state file or (a failed attempt's partial folder) without."""
     folder = root / f"step-{step:08d}"
     folder.mkdir(parents=True)
-    for rank in ranks:
-        (folder / f"rank{rank}.pt").write_bytes(b"checkpoint")
+    if complete:
+        (folder / "state.pt").write_bytes(b"checkpoint")
     return folder.name
 
 
@@ -22,7 +19,7 @@ def folders(root):
 
 def test_a_newer_partial_folder_does_not_displace_the_two_published_checkpoints(tmp_path):
     published = [make_folder(tmp_path, 10), make_folder(tmp_path, 20)]
-    make_folder(tmp_path, 30, ranks=(0,))  # a failed attempt wrote rank 0's file, never published
+    make_folder(tmp_path, 30)  # a failed attempt wrote it, then died before publishing it
     prune_checkpoints(tmp_path, published, keep=2)
     # keeping the two highest-numbered folders would have deleted step 10 and kept the partial one
     assert folders(tmp_path) == ["step-00000010", "step-00000020", "step-00000030"]
@@ -30,36 +27,30 @@ def test_a_newer_partial_folder_does_not_displace_the_two_published_checkpoints(
 
 def test_older_checkpoints_and_older_partial_folders_go_once_a_newer_one_is_published(tmp_path):
     published = [make_folder(tmp_path, 10), make_folder(tmp_path, 20), make_folder(tmp_path, 40)]
-    make_folder(tmp_path, 30, ranks=(1,))   # partial, older than the newest published: deleted
-    make_folder(tmp_path, 50, ranks=(0,))   # partial, newer: left for the run to overwrite
+    make_folder(tmp_path, 30, complete=False)   # partial, older than the newest published: deleted
+    make_folder(tmp_path, 50, complete=False)   # partial, newer: left for the run to overwrite
     prune_checkpoints(tmp_path, published, keep=2)
     assert folders(tmp_path) == ["step-00000020", "step-00000040", "step-00000050"]
 
 
-@pytest.fixture
-def single_rank(monkeypatch):
-    """save_checkpoint for rank 0 of 1 without a process group (its only collective is a barrier)."""
-    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
-
-
-def test_save_checkpoint_records_the_published_folders_and_prunes_by_them(tmp_path, single_rank):
+def test_save_checkpoint_records_the_published_folders_and_prunes_by_them(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20):
-        save_checkpoint(tmp_path, rank=0, world_size=1, step=step, payload={})
-    make_folder(root, 30, ranks=())  # a failed attempt created the folder, then died before writing
-    save_checkpoint(tmp_path, rank=0, world_size=1, step=25, payload={})  # resumed from 20, checkpointing more often
+        save_checkpoint(tmp_path, step=step, world_size=1, state={})
+    make_folder(root, 30, complete=False)  # a failed attempt created the folder, then died before writing
+    save_checkpoint(tmp_path, step=25, world_size=1, state={})  # resumed from 20, checkpointing more often
     assert folders(root) == ["step-00000020", "step-00000025", "step-00000030"]
     assert json.loads((root / "latest.json").read_text())["published"] == ["step-00000020", "step-00000025"]
     assert latest_checkpoint(tmp_path)[0].name == "step-00000025"
-    save_checkpoint(tmp_path, rank=0, world_size=1, step=35, payload={})
+    save_checkpoint(tmp_path, step=35, world_size=1, state={})
     assert folders(root) == ["step-00000025", "step-00000035"]
 
 
-def test_a_pointer_written_before_the_published_list_counts_its_folder_as_published(tmp_path, single_rank):
+def test_a_pointer_written_before_the_published_list_counts_its_folder_as_published(tmp_path):
     root = tmp_path / "checkpoints"
     make_folder(root, 10)
-    make_folder(root, 15, ranks=(0,))  # partial
+    make_folder(root, 15, complete=False)  # partial
     (root / "latest.json").write_text(json.dumps({"folder": "step-00000010", "step": 10, "world_size": 2}))
-    save_checkpoint(tmp_path, rank=0, world_size=1, step=20, payload={})
+    save_checkpoint(tmp_path, step=20, world_size=1, state={})
     assert folders(root) == ["step-00000010", "step-00000020"]
     assert json.loads((root / "latest.json").read_text())["published"] == ["step-00000010", "step-00000020"]

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dynbatch_core.agreement import check_ranks_agree, check_run_dir_shared
-from dynbatch_core.distributed import exit_without_teardown
+from dynbatch_core.agreement import check_ranks_agree
+from dynbatch_core.checkpoint import save_checkpoint
+from dynbatch_core.distributed import agree_on_round, exit_without_teardown
+from dynbatch_core.elastic import newest_checkpoint
 from dynbatch_core.step import GradientSync, train_step
 from dynbatch_core.train import average_buffers
 
@@ -37,8 +39,11 @@ def group_results(tmp_path_factory):
     """Every job below, run once in one 2-rank group (one spawn: each costs seconds): {job: {rank: (status, value)}}."""
     folder = tmp_path_factory.mktemp("group")
     jobs = {"empty slice": step_with_an_empty_slice, "disagreement": disagreeing_split,
-            "separate folders": FoldersOf(folder / "node0", folder / "node1"),
-            "one folder": FoldersOf(folder / "shared", folder / "shared"), "buffers": weighted_buffers}
+            "separate folders": NewestCheckpoint([folder / "node0", folder / "node1"], [[10], [10, 20]]),
+            "no checkpoint": NewestCheckpoint([folder / "empty0", folder / "empty1"], [[], []]),
+            "buffers": weighted_buffers}
+    for job in jobs.values():
+        getattr(job, "setup", lambda: None)()
     results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(in_group, args=(2, str(folder / "store"), results, jobs), nprocs=2, start_method="spawn")
     found: dict[str, dict] = {name: {} for name in jobs}
@@ -109,24 +114,27 @@ def test_the_agreement_guard_names_every_ranks_values(group_results):
                                   "split=[48, 16], step=7)")
 
 
-class FoldersOf:
-    """A job: check_run_dir_shared with each rank given its own path (two nodes with the same --out on filesystems
-    of their own see different folders)."""
+class NewestCheckpoint:
+    """A job: newest_checkpoint with each rank given its own run folder (two nodes whose --out are not shared)."""
 
-    def __init__(self, *folders: Path):
-        self.folders = [str(folder) for folder in folders]
+    def __init__(self, folders, steps):
+        self.folders, self.steps = [str(folder) for folder in folders], steps
+
+    def setup(self) -> None:
+        for folder, steps in zip(self.folders, self.steps):
+            for step in steps:
+                save_checkpoint(Path(folder), step=step, world_size=2, state={"ranks": [], "tag": f"{folder}:{step}"})
 
     def __call__(self, rank: int, world_size: int):
-        return check_run_dir_shared(Path(self.folders[rank]))
+        found = newest_checkpoint(Path(self.folders[rank]))
+        return None if found is None else (str(found.folder), found.state["tag"])
 
 
-def test_a_run_folder_that_is_not_shared_between_ranks_is_refused(group_results):
-    found, folder = group_results["separate folders"], group_results["folder"]
-    assert [found[rank][0] for rank in (0, 1)] == ["error", "error"]
-    assert found[1][1].startswith(f"ValueError: run folder {folder / 'node1'} is not shared: rank(s) 1 do not see "
-                                  "rank 0's files there; multi-node runs need one run folder")
-    assert group_results["one folder"] == {0: ("ok", None), 1: ("ok", None)}
-    assert list((folder / "shared").iterdir()) == []  # the check cleans up after itself
+def test_the_rank_that_holds_the_newest_checkpoint_hands_it_to_every_rank(group_results):
+    folder = group_results["folder"]
+    newest = (str(folder / "node1" / "checkpoints" / "step-00000020"), f"{folder / 'node1'}:20")
+    assert group_results["separate folders"] == {0: ("ok", newest), 1: ("ok", newest)}  # node0 holds only step 10
+    assert group_results["no checkpoint"] == {0: ("ok", None), 1: ("ok", None)}
 
 
 def weighted_buffers(rank: int, world_size: int):
@@ -140,3 +148,25 @@ def weighted_buffers(rank: int, world_size: int):
 def test_evaluation_averages_batch_norm_statistics_weighted_by_each_ranks_samples(group_results):
     # (3 x 1 + 9 x 5) / 12 = 4, not the unweighted 3
     assert group_results["buffers"] == {0: ("ok", ([4.0, 4.0], 4)), 1: ("ok", ([4.0, 4.0], 4))}
+
+
+def test_ranks_agree_on_a_fresh_round_name_whatever_an_earlier_round_left_in_the_store():
+    """An earlier round left a hello never answered, a reply never read and an acknowledgement; the new round (whose
+    ranks are numbered alike) still agrees on one new name."""
+    import threading
+    store = dist.HashStore()
+    store.set("dynbatch/hello/1", "old-hello")
+    store.set("dynbatch/reply/1", "older-hello:old-round")
+    store.set("dynbatch/ack/1", "old-round")
+    names = {}
+
+    def rank(number):
+        names[number] = agree_on_round(store, number, 3, timeout_s=20)
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in (2, 1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(set(names.values())) == 1 and len(names) == 3
+    assert names[0] not in ("old-round", "")
