@@ -28,7 +28,8 @@ import math
 import statistics
 from typing import Sequence
 
-from .cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s, proportional_fit, residual_spread_s
+from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, min_max_split,
+                         predicted_step_s, proportional_fit, residual_spread_s)
 
 
 def largest_remainder_split(total: int, weights: Sequence[float], *, min_size: int = 1,
@@ -78,6 +79,11 @@ class Balancer:
 
     def end_epoch(self) -> None:
         """Called on every rank after the last step of an epoch."""
+
+    def residuals(self) -> list[list[float]]:
+        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned)."""
+        columns = [[t - line.time_s(b) for b, t in window] for window, line in zip(self.points, self.lines)]
+        return [list(row) for row in zip(*columns)]
 
     def cost_line(self, rank: int) -> AffineCost | None:
         """The fitted step-time line of `rank`, for balancers that model one."""
@@ -278,9 +284,14 @@ class ModelBalancer(Balancer):
                 prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
                 measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost), and so
                 are the times of the window's older points, which keeps the cost's shape at the new level.
-      split     the exact integer min-max split of B on the lines (cost_model.min_max_split).
-      hold      the split in use changes only when the new one's predicted step time beats it by more than the
-                largest residual spread (hysteresis in the model's own units), so timing noise does not move it.
+      split     the split that minimises the expected step time: a step lasts as long as its slowest rank's
+                actual time, so each candidate is priced as the mean over the window's steps of max_i (t_i(b_i) +
+                that step's residual of rank i) (cost_model.expected_max_split): a noisy rank gets slack, and
+                contention between ranks is kept as measured. Without timing noise (emulated costs) it is the
+                exact integer min-max split of the lines.
+      hold      the split in use changes only when the new one's expected step time beats it by more than the
+                largest residual spread over the square root of the window (the noise of that mean; hysteresis
+                in the model's own units), so timing noise does not move it.
       spread    while some rank's line is not yet affine (its points hold one batch size), every other step moves one
                 sample between two ranks chosen from the step count (never a random draw): every rank and every
                 resumed run do the same.
@@ -341,6 +352,11 @@ class ModelBalancer(Balancer):
         if self.lines[rank] is not None:
             self.spreads[rank] = residual_spread_s(window, self.lines[rank])
 
+    def residuals(self) -> list[list[float]]:
+        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned)."""
+        columns = [[t - line.time_s(b) for b, t in window] for window, line in zip(self.points, self.lines)]
+        return [list(row) for row in zip(*columns)]
+
     def cost_line(self, rank: int) -> AffineCost | None:
         return self.lines[rank]
 
@@ -353,10 +369,15 @@ class ModelBalancer(Balancer):
     def split(self, global_batch: int) -> list[int]:
         if any(line is None for line in self.lines):
             return super().split(global_batch)
-        best = min_max_split(global_batch, self.lines, min_size=self.min_rank_batch, max_size=self.max_rank_batch)
+        residuals = self.residuals()
+        best = expected_max_split(global_batch, self.lines, residuals, min_size=self.min_rank_batch,
+                                  max_size=self.max_rank_batch)
         held = self.held
-        if held is None or sum(held) != global_batch or \
-                self.predicted_step_s(best) < self.predicted_step_s(held) - max(self.spreads):
+        # Hysteresis: the expected step time is a mean over the window, so its noise is the residual spread over
+        # the square root of the window's length.
+        margin = max(self.spreads) / math.sqrt(max(1, len(residuals)))
+        if held is None or sum(held) != global_batch or _beats(expected_step_s(best, self.lines, residuals),
+                                                               expected_step_s(held, self.lines, residuals), margin):
             self.held = held = best
         if all(self.affine):
             return list(held)
@@ -388,6 +409,11 @@ class ModelBalancer(Balancer):
         self.affine, self.spreads = list(state["affine"]), list(state["spreads"])
         self.outliers, self.steps = list(state["outliers"]), state["steps"]
         self.held = list(state["held"]) or None
+
+
+def _beats(new_s: float, held_s: float, margin_s: float) -> bool:
+    """Better by more than the margin; without noise (margin 0) a tie also goes to the new, exact split."""
+    return new_s < held_s - margin_s if margin_s > 0 else new_s <= held_s
 
 
 BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (EqualBalancer, WeightsBalancer, DBSBalancer,

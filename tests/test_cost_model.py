@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dynbatch_core.balancers import build_balancer
-from dynbatch_core.cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s
+from dynbatch_core.cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, min_max_split,
+                                     predicted_step_s)
 
 
 def brute_force_best(total, lines, min_size, max_size):
@@ -126,3 +127,18 @@ def test_a_training_run_fits_the_emulated_costs_exactly_and_trains_the_optimal_s
     assert optimum == [51, 13]   # 10 + 2 x 51 = 112 ms >= 30 + 6 x 13 = 108 ms
     assert result.steps.query("step >= 2").pivot(index="step", columns="rank", values="batch_size").values.tolist() \
         == [optimum] * 3
+
+
+def test_the_expected_step_time_gives_a_noisy_rank_slack_and_without_noise_is_the_min_max_split():
+    lines = [AffineCost(0.010, 0.001)] * 4
+    quiet = [[0.0] * 4 for _ in range(20)]
+    assert expected_max_split(128, lines, quiet) == min_max_split(128, lines) == [32, 32, 32, 32]
+    # rank 3 is 30 ms late every other step (a descheduled slow rank): the mean of each step's slowest rank is
+    # lowest when rank 3 finishes early enough that its late steps do not decide the step
+    spiky = [[0.0, 0.0, 0.0, 0.030 if step % 2 == 0 else 0.0] for step in range(20)]
+    split = expected_max_split(128, lines, spiky)
+    assert sum(split) == 128 and split[3] < 32 - 5 and max(split[:3]) - min(split[:3]) <= 1
+    assert expected_step_s(split, lines, spiky) < expected_step_s([32] * 4, lines, spiky) - 0.005
+    # a brute-force check over every split that moves samples from rank 3 to the others evenly
+    candidates = [[32 + k // 3 + (1 if i < k % 3 else 0) for i in range(3)] + [32 - k] for k in range(32)]
+    assert expected_step_s(split, lines, spiky) <= min(expected_step_s(c, lines, spiky) for c in candidates) + 1e-12
