@@ -81,8 +81,13 @@ class Balancer:
         """Called on every rank after the last step of an epoch."""
 
     def residuals(self) -> list[list[float]]:
-        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned)."""
-        columns = [[t - line.time_s(b) for b, t in window] for window, line in zip(self.points, self.lines)]
+        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned),
+        each limited to RESIDUAL_LIMIT residual spreads of its rank: the first step's warm-up, or a step in which
+        the machine descheduled a rank, says nothing about the next step and must not decide the split."""
+        columns = []
+        for window, line, spread in zip(self.points, self.lines, self.spreads):
+            limit = RESIDUAL_LIMIT * spread
+            columns.append([min(max(t - line.time_s(b), -limit), limit) for b, t in window])
         return [list(row) for row in zip(*columns)]
 
     def cost_line(self, rank: int) -> AffineCost | None:
@@ -270,6 +275,7 @@ class PIDBalancer(Balancer):
 CHANGE_STEPS = 3         # model: this many outlying steps in a row on one side mean the rank's speed changed
 CHANGE_FLOOR = 0.15      # model: an outlier lies at least this fraction of the prediction off it
 MIN_BATCH_SPREAD = 0.1   # model: refit a rank's line only when its window's batches spread over this share of b
+RESIDUAL_LIMIT = 3.0     # model: residuals count in the expected step time up to this many residual spreads
 
 
 class ModelBalancer(Balancer):
@@ -353,8 +359,13 @@ class ModelBalancer(Balancer):
             self.spreads[rank] = residual_spread_s(window, self.lines[rank])
 
     def residuals(self) -> list[list[float]]:
-        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned)."""
-        columns = [[t - line.time_s(b) for b, t in window] for window, line in zip(self.points, self.lines)]
+        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned),
+        each limited to RESIDUAL_LIMIT residual spreads of its rank: the first step's warm-up, or a step in which
+        the machine descheduled a rank, says nothing about the next step and must not decide the split."""
+        columns = []
+        for window, line, spread in zip(self.points, self.lines, self.spreads):
+            limit = RESIDUAL_LIMIT * spread
+            columns.append([min(max(t - line.time_s(b), -limit), limit) for b, t in window])
         return [list(row) for row in zip(*columns)]
 
     def cost_line(self, rank: int) -> AffineCost | None:

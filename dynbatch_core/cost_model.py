@@ -124,7 +124,7 @@ def expected_max_split(total: int, lines: Sequence[AffineCost], residuals: Seque
                        min_size: int = 1, max_size: int | None = None) -> list[int]:
     """The split with the lowest expected_step_s among a few candidates, each exact for its own lines: the min-max
     split of the lines raised by a quantile of each rank's residuals (a noisy rank gets slack in proportion to its
-    noise; one quantile for all ranks), for quantiles 0 (the plain min-max split), 1/2, 3/4, 9/10 and the maximum.
+    noise; one quantile for all ranks), for quantiles 0 (the plain min-max split), 1/2, 3/4 and 9/10.
     Without residuals (or all zero) this is the exact min-max split of the lines."""
     plain = min_max_split(total, lines, min_size=min_size, max_size=max_size)
     if not residuals or max(abs(r) for row in residuals for r in row) < 1e-9:  # no timing noise
@@ -141,4 +141,4 @@ def expected_max_split(total: int, lines: Sequence[AffineCost], residuals: Seque
     return best
 
 
-SLACK_QUANTILES = (0.5, 0.75, 0.9, 1.0)
+SLACK_QUANTILES = (0.5, 0.75, 0.9)
