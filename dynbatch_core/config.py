@@ -87,12 +87,15 @@ class RunConfig:
     precision: str = _opt("fp32", "fp32; bf16 (autocast, CPU or CUDA); fp16 (autocast + loss scaling, CUDA only)")
     max_micro_batch: int | None = _opt(None, "a rank's slice larger than this runs as micro-batches with "
                                              "accumulated gradients (memory bound; the update is unchanged)")
+    noise_scale: bool = _opt(False, "estimate the gradient noise scale B_simple from every step's gradient norms "
+                                    "(steps.csv rank_grad_sq/global_grad_sq, epochs.csv noise_*); at one rank "
+                                    "each step then runs as two halves")
     loader_workers: int = _opt(0, "DataLoader worker processes per rank (splits are then planned as many steps "
                                   "ahead as the loader prefetches)")
     emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "
                                                  "(times the slowdown): step time = (step_ms + b x sample_ms) x k")
     optimizer: str = _opt("sgd", "sgd or adam")
-    lr: float = _opt(0.05, "learning rate at the initial batch size")
+    lr: float = _opt(0.05, "learning rate at the initial batch size (0 freezes the weights: a measurement run)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "weight decay")
     lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear or sqrt "
@@ -287,8 +290,8 @@ def validate_config(config: RunConfig) -> str:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if config.train_samples is not None and config.train_samples < config.world_size:
         raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
-    if not config.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {config.lr}")
+    if not config.lr >= 0:
+        raise ValueError(f"--lr must be >= 0, got {config.lr}")
     if not 0 <= config.momentum < 1:
         raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
     if not config.weight_decay >= 0:

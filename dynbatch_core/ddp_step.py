@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .step import StepOptions, StepResult, forward_backward, optimizer_step, take_emulated_delay
+from .step import (StepOptions, StepResult, forward_backward, noise_points, optimizer_step, squared_grad_norm,
+                   take_emulated_delay)
 
 
 class BucketClock:
@@ -43,12 +44,15 @@ class BucketClock:
         self.emulated_sample_s: float | None = None   # emulation (see step.take_emulated_delay), or None
         self.emulated_step_s = 0.0
         self.buckets = 0                              # gradient buckets seen in the current step
+        self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
+        self.measure_noise = False
         self._start_event = self._ready_event = None
 
     def start(self, *, batch: int = 0, slowdown: float = 1.0, emulated_sample_s: float | None = None,
               emulated_step_s: float = 0.0) -> None:
         """Call at the start of every step, before forward (batch: this rank's samples, for the emulation)."""
         self.batch, self.slowdown, self.compute_s, self.buckets = batch, slowdown, 0.0, 0
+        self.local_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         self.emulated_sample_s, self.emulated_step_s = emulated_sample_s, emulated_step_s
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
@@ -73,6 +77,8 @@ def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this mo
     """All-reduce a gradient bucket (a dist.GradBucket) as a sum, not DDP's mean; at the last bucket, stop this
     rank's clock (a BucketClock) first. Returns the future of the summed buffer."""
     clock.buckets += 1
+    if clock.measure_noise:  # this rank's own gradient, before the sum over ranks
+        clock.local_sq = clock.local_sq + bucket.buffer().detach().double().pow(2).sum()
     if bucket.is_last():
         clock.last_bucket_ready()
     work = dist.all_reduce(bucket.buffer(), async_op=True)
@@ -91,12 +97,19 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, **ddp_options) -> Dis
 def exchange_measurements(compute_s: float, batch: int, *, device: torch.device | str = "cpu",
                           loss_sum: float = 0.0) -> tuple[list[float], list[int], list[float]]:
     """Every rank's (compute seconds, batch size, summed loss) of this step, on every rank: what balancers observe."""
+    compute, batches, loss_sums, _ = _exchange(compute_s, batch, loss_sum, 0.0, device)
+    return compute, batches, loss_sums
+
+
+def _exchange(compute_s: float, batch: int, loss_sum: float, local_sq: float, device
+              ) -> tuple[list[float], list[int], list[float], list[float]]:
+    """exchange_measurements, plus every rank's squared gradient norm before the reduction (the noise scale)."""
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    stats = torch.zeros(3, world_size, dtype=torch.float64, device=device)
-    stats[:, rank] = torch.tensor([compute_s, float(batch), loss_sum], dtype=torch.float64)
+    stats = torch.zeros(4, world_size, dtype=torch.float64, device=device)
+    stats[:, rank] = torch.tensor([compute_s, float(batch), loss_sum, local_sq], dtype=torch.float64)
     dist.all_reduce(stats)
-    compute, batches, loss_sums = stats.cpu().tolist()
-    return compute, [int(round(b)) for b in batches], loss_sums
+    compute, batches, loss_sums, local_sqs = stats.cpu().tolist()
+    return compute, [int(round(b)) for b in batches], loss_sums, local_sqs
 
 
 def _no_buffer_broadcast() -> dict:
@@ -112,12 +125,18 @@ def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimi
     """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
     clock: BucketClock = model.clock
     optimizer.zero_grad(set_to_none=True)
+    clock.measure_noise = options.measure_noise
+    first_half = [] if options.measure_noise and dist.get_world_size() == 1 else None
     clock.start(batch=len(labels), slowdown=slowdown, emulated_sample_s=emulated_sample_s,
                 emulated_step_s=emulated_step_s)
-    loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync)
+    loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync,
+                                first_half=first_half)
     backward_done = time.perf_counter()
-    compute, batches, loss_sums = exchange_measurements(clock.compute_s, len(labels), device=images.device,
-                                                        loss_sum=loss_sum)
+    scale = options.scaler.get_scale() if options.scaler is not None else 1.0
+    compute, batches, loss_sums, local_sqs = _exchange(clock.compute_s, len(labels), loss_sum,
+                                                       float(clock.local_sq) / scale ** 2, images.device)
+    points = noise_points(local_sqs, batches, squared_grad_norm(model, options), first_half) \
+        if options.measure_noise else None   # before the optimizer step, which may clip the gradient
     optimizer_step(model, optimizer, options)
     wait_s = max(0.0, backward_done - clock.started - clock.compute_s)  # host clock: time blocked in the reduction
-    return StepResult(compute, batches, loss_sums, wait_s)
+    return StepResult(compute, batches, loss_sums, wait_s, points)

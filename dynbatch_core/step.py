@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .noise_scale import step_points
+
 
 def uneven_batch_loss(logits: torch.Tensor, labels: torch.Tensor, global_batch: int) -> torch.Tensor:
     """This rank's share of the global mean loss: sum over its samples divided by the global batch."""
@@ -85,6 +87,9 @@ class StepResult:
     rank_batches: list[int]  # per rank: samples in this step
     loss_sums: list[float]   # per rank: summed loss over its samples
     wait_s: float            # this rank: seconds in the all-reduce (communication + waiting for others)
+    # With StepOptions.measure_noise (noise_scale.py): (batch, squared norm of its mean gradient) for every rank
+    # with samples (at one rank: the step's first half) and, last, for the whole step; else None.
+    noise_points: list[tuple[int, float]] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -102,6 +107,7 @@ class StepOptions:
     autocast_dtype: torch.dtype | None = None    # mixed precision: forward under torch.autocast with this dtype
     scaler: torch.amp.GradScaler | None = None   # float16: loss scaling (its decisions follow the global gradient)
     max_micro_batch: int | None = None           # a larger slice runs as micro-batches, gradients accumulated
+    measure_noise: bool = False                  # squared gradient norms for the noise scale (noise_scale.py)
 
 
 def micro_batches(images: torch.Tensor, labels: torch.Tensor, size: int | None):
@@ -112,17 +118,22 @@ def micro_batches(images: torch.Tensor, labels: torch.Tensor, size: int | None):
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
-                     options: StepOptions, no_sync=None) -> float:
+                     options: StepOptions, no_sync=None, first_half: list | None = None) -> float:
     """Forward and backward over the slice (in micro-batches), each chunk's loss summed / global_batch; returns the
     slice's summed loss. `no_sync`: a context manager (DDP's) that holds the reduction back on all but the last chunk.
+    `first_half`: run the slice as two halves and append (samples, squared gradient norm) after the first: a
+    second batch size for the noise scale when one rank holds the whole step.
 
     Every rank runs forward and backward, even on an empty slice (the short last step of an epoch): a collective
     inside the model (SyncBatchNorm, DDP's reducer) would otherwise wait for a rank that never comes. An empty
     slice's loss is an empty sum, 0, so it contributes zero gradients.
     """
-    chunks = micro_batches(images, labels, options.max_micro_batch)
+    halves = [(images, labels)] if first_half is None else \
+        [(images[:len(labels) // 2], labels[:len(labels) // 2]), (images[len(labels) // 2:], labels[len(labels) // 2:])]
+    chunks = [(chunk, half) for half, (half_images, half_labels) in enumerate(halves)
+              for chunk in micro_batches(half_images, half_labels, options.max_micro_batch)]
     loss_sum = 0.0
-    for index, (chunk_images, chunk_labels) in enumerate(chunks):
+    for index, ((chunk_images, chunk_labels), half) in enumerate(chunks):
         hold = no_sync() if no_sync is not None and index < len(chunks) - 1 else contextlib.nullcontext()
         with hold:
             with torch.autocast(images.device.type, dtype=options.autocast_dtype,
@@ -131,7 +142,28 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch
             loss = uneven_batch_loss(logits.float(), chunk_labels, global_batch)
             (options.scaler.scale(loss) if options.scaler is not None else loss).backward()
         loss_sum += loss.item() * global_batch
+        if first_half is not None and half == 0 and (index + 1 == len(chunks) or chunks[index + 1][1] == 1):
+            first_half.append((len(halves[0][1]), squared_grad_norm(model, options)))
     return loss_sum
+
+
+def squared_grad_norm(model: torch.nn.Module, options: StepOptions) -> float:
+    """|gradient|^2 over the model's parameters (float16 loss scaling undone), in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is not None:
+            total = total + param.grad.detach().double().pow(2).sum().cpu()
+    scale = options.scaler.get_scale() if options.scaler is not None else 1.0
+    return float(total) / scale ** 2
+
+
+def noise_points(local_sq: list[float], batches: list[int], global_sq: float,
+                 first_half: list | None) -> list[tuple[int, float]]:
+    """The step's (batch, squared mean-gradient norm) points: every rank's, or at one rank the first half's."""
+    if first_half is not None:
+        samples, norm = first_half[0] if first_half else (0, 0.0)
+        return step_points([norm], [samples], sum(batches), global_sq)
+    return step_points(local_sq, batches, sum(batches), global_sq)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
@@ -175,15 +207,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     """
     world_size = sync.world_size
     optimizer.zero_grad(set_to_none=True)
+    first_half = [] if options.measure_noise and world_size == 1 else None
     started = time.perf_counter()
-    loss_sum = forward_backward(model, images, labels, global_batch, options)
+    loss_sum = forward_backward(model, images, labels, global_batch, options, first_half=first_half)
     compute_s = time.perf_counter() - started
     compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s)
-    stats = torch.zeros(3, world_size, dtype=torch.float64, device=images.device)
-    stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum], dtype=torch.float64)
+    local_sq = squared_grad_norm(model, options) if options.measure_noise else 0.0
+    stats = torch.zeros(4, world_size, dtype=torch.float64, device=images.device)
+    stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum, local_sq], dtype=torch.float64)
     waited_from = time.perf_counter()
     stats = sync.all_reduce(stats)
     wait_s = time.perf_counter() - waited_from
+    compute, batches, loss_sums, local_sqs = stats.cpu().tolist()
+    batches = [int(round(b)) for b in batches]
+    points = noise_points(local_sqs, batches, squared_grad_norm(model, options), first_half) \
+        if options.measure_noise else None   # before the optimizer step, which may clip the gradient
     optimizer_step(model, optimizer, options)
-    compute, batches, loss_sums = stats.cpu().tolist()
-    return StepResult(compute, [int(round(b)) for b in batches], loss_sums, wait_s)
+    return StepResult(compute, batches, loss_sums, wait_s, points)

@@ -33,6 +33,7 @@ from .hetero import SlowdownPlan
 from .lr import decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
+from .noise_scale import NoiseEstimate, epoch_noise_scale, fit_step
 from .rundir import git_commit
 from .sampler import DynamicBatchSampler, StepPlan
 from .schedules import EpochSummary, ScheduleDecision, build_schedule
@@ -117,7 +118,9 @@ class RankTrainer:
         self.step_options = StepOptions(
             clip_grad_norm=config.clip_grad_norm, max_micro_batch=config.max_micro_batch,
             autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
-            scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
+            scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
+            measure_noise=config.noise_scale)
+        self.noise_estimates: list[NoiseEstimate | None] = []   # this epoch's steps (with --noise-scale)
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
@@ -183,6 +186,8 @@ class RankTrainer:
                                      self.slowdown.factor(self.rank, progress.global_step))
             self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
+            if result.noise_points is not None:
+                self.noise_estimates.append(fit_step(result.noise_points, len(self.train_set)))
             self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(decision.global_batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
@@ -190,7 +195,8 @@ class RankTrainer:
                 "batch_size": result.rank_batches[self.rank], "global_batch": result.global_batch,
                 "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
                 "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
-                "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s})
+                "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s,
+                **self.gradient_columns(result)})
             progress.epoch_loss_sum += sum(result.loss_sums)
             progress.epoch_samples += result.global_batch
             progress.samples_seen += result.global_batch
@@ -227,6 +233,27 @@ class RankTrainer:
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
         return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
 
+    def gradient_columns(self, result: StepResult) -> dict:
+        """steps.csv's squared norms of this rank's mean gradient and of the step's (--noise-scale)."""
+        if result.noise_points is None:
+            return {"rank_grad_sq": None, "global_grad_sq": None}
+        global_sq = result.noise_points[-1][1]
+        if self.world_size == 1:
+            return {"rank_grad_sq": global_sq, "global_grad_sq": global_sq}
+        with_samples = [rank for rank, b in enumerate(result.rank_batches) if b > 0]
+        mine = result.noise_points[with_samples.index(self.rank)][1] if self.rank in with_samples else None
+        return {"rank_grad_sq": mine, "global_grad_sq": global_sq}
+
+    def noise_columns(self) -> dict:
+        """epochs.csv's noise scale of the epoch: a ratio of the mean trace to the mean |G|^2 over its steps."""
+        if not self.config.noise_scale:
+            return {"noise_scale": None, "noise_gradient_sq": None, "noise_trace": None, "noise_missing": None}
+        noise_scale, missing = epoch_noise_scale(self.noise_estimates)
+        found = [estimate for estimate in self.noise_estimates if estimate is not None]
+        mean = (lambda values: sum(values) / len(values) if values else math.nan)
+        return {"noise_scale": noise_scale, "noise_gradient_sq": mean([e.gradient_sq for e in found]),
+                "noise_trace": mean([e.trace for e in found]), "noise_missing": missing}
+
     def remaining_after(self, plan: StepPlan | None) -> int:
         """Samples of the epoch after the trained step `plan` (the sampler itself may have run ahead of it)."""
         if plan is None or plan.epoch != self.sampler.epoch:
@@ -242,6 +269,7 @@ class RankTrainer:
         test_loss, test_acc = evaluate(self.module, self.test_set, rank=self.rank, world_size=self.world_size,
                                        device=self.device, buffer_weight=my_samples)
         train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
+        noise = self.noise_columns()
         gathered = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(self.my_rows, gathered, dst=0)
         if self.rank == 0:
@@ -251,16 +279,19 @@ class RankTrainer:
                 "epoch": progress.epoch, "global_batch": global_batch, "steps": progress.epoch_steps,
                 "samples": progress.epoch_samples, "train_loss": train_loss, "test_loss": test_loss,
                 "test_acc": test_acc, "world_size": self.world_size, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
-                "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan")})
+                "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan"),
+                **noise})
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
             log(f"epoch {progress.epoch + 1}/{config.epochs}: B={global_batch} steps={progress.epoch_steps} "
                 f"train_loss={train_loss:.4f} test_loss={test_loss:.4f} test_acc={test_acc:.4f} "
-                f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s")
+                f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s"
+                + (f" B_simple={noise['noise_scale']:.1f} ({noise['noise_missing']} of {progress.epoch_steps} steps "
+                   f"with |G|^2 <= 0)" if config.noise_scale else ""))
         if not complete:  # stopped by --max-steps inside the epoch; the last periodic checkpoint stays the latest
             return
         self.history.append(EpochSummary(progress.epoch, global_batch, train_loss, epoch_s))
-        self.my_rows = []
+        self.my_rows, self.noise_estimates = [], []
         self.progress = Progress(epoch=progress.epoch + 1, global_step=progress.global_step,
                                  samples_seen=progress.samples_seen, training_s=progress.training_s + epoch_s,
                                  previous_target_lr=target_lr)
@@ -275,6 +306,7 @@ class RankTrainer:
                 "sampler": self.sampler.state_dict(trained=self.trained), "progress": dataclasses.asdict(progress),
                 "history": [dataclasses.asdict(summary) for summary in self.history],
                 "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "config": self.config.to_dict(),
+                "noise_estimates": [[] if e is None else [e.gradient_sq, e.trace] for e in self.noise_estimates],
                 "git_commit": self.git_commit,
                 "scaler": self.step_options.scaler.state_dict() if self.step_options.scaler is not None else {}}
 
@@ -324,6 +356,7 @@ class RankTrainer:
         self.progress = Progress(**state["progress"])
         self.history = [EpochSummary(**summary) for summary in state["history"]]
         self.step_rows, self.epoch_rows = state["step_rows"], state["epoch_rows"]
+        self.noise_estimates = [NoiseEstimate(*pair) if pair else None for pair in state.get("noise_estimates", [])]
         if same_size:
             self.my_rows = mine["rows"]
         else:  # rank 0 carries the old ranks' rows of this epoch into the gathered tables

@@ -1,0 +1,155 @@
+"""The gradient noise scale estimator against analytic truth: linear least squares at fixed weights."""
+import math
+
+import pytest
+import torch
+
+from dynbatch_core.noise_scale import (NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, step_points,
+                                       without_replacement_x)
+from dynbatch_core.sampler import epoch_order, rank_slices
+
+N, FEATURES, BATCH = 4096, 10, 64
+
+
+@pytest.fixture(scope="module")
+def per_sample_gradients():
+    """Gradients of 1/2 (w.x - y)^2 at fixed w (lr = 0: the weights never move), y = w*.x + Gaussian noise."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, FEATURES, generator=generator, dtype=torch.float64)
+    w_star = torch.randn(FEATURES, generator=generator, dtype=torch.float64)
+    y = x @ w_star + torch.randn(N, generator=generator, dtype=torch.float64)
+    w = w_star + 0.1 * torch.randn(FEATURES, generator=generator, dtype=torch.float64)
+    return (x @ w - y)[:, None] * x
+
+
+def truth(gradients):
+    """|G|^2 and S = tr(Sigma) of the N per-sample gradients (Sigma normalised by N)."""
+    mean = gradients.mean(dim=0)
+    return float(mean @ mean), float(((gradients - mean) ** 2).sum(dim=1).mean())
+
+
+def estimates_over_epochs(gradients, split, epochs=12):
+    """Per step: each 'rank' sums its slice's gradients / B (what it holds before the reduction), the global sum after."""
+    found = []
+    for epoch in range(epochs):
+        order = epoch_order(N, seed=0, epoch=epoch)
+        for offset in range(0, N - BATCH + 1, BATCH):
+            step = gradients[order[offset:offset + BATCH]]
+            local = [step[start:stop].sum(dim=0) / BATCH for start, stop in rank_slices(split)]
+            total = step.sum(dim=0) / BATCH   # one rank: local holds only the first half
+            points = step_points([float(g @ g) for g in local], split, BATCH, float(total @ total))
+            found.append(fit_step(points, num_samples=N))
+    return found
+
+
+@pytest.mark.parametrize("split", [[32],                   # one rank: the norm after the first of two halves
+                                   [32, 32], [16, 48],     # two ranks, equal and uneven
+                                   [16, 16, 16, 16], [4, 12, 20, 28]])   # four ranks
+def test_the_estimate_matches_the_analytic_noise_of_least_squares(per_sample_gradients, split):
+    gradient_sq, trace = truth(per_sample_gradients)
+    assert 20 < trace / gradient_sq < 500   # a noise scale in the range of the batches, where it matters
+    found = estimates_over_epochs(per_sample_gradients, split)
+    mean_gradient_sq = sum(e.gradient_sq for e in found) / len(found)
+    mean_trace = sum(e.trace for e in found) / len(found)
+    noise_scale, missing = epoch_noise_scale(found)
+    assert mean_gradient_sq == pytest.approx(gradient_sq, rel=0.15)
+    assert mean_trace == pytest.approx(trace, rel=0.15)
+    assert noise_scale == pytest.approx(trace / gradient_sq, rel=0.15)
+    assert 0 < missing < len(found)   # single steps do go negative; they are counted, not clamped
+
+
+def test_without_replacement_an_epoch_sized_batch_has_no_noise():
+    assert without_replacement_x(N, N) == 0
+    assert without_replacement_x(1, N) == pytest.approx(1.0)
+    assert without_replacement_x(64, 10**9) == pytest.approx(1 / 64)
+
+
+def test_a_rank_gradient_is_scaled_to_its_own_mean_and_empty_slices_are_left_out():
+    points = step_points([0.25, 0.0, 1.0], [16, 0, 48], 64, 0.5)
+    assert points == [(16, 0.25 * 16), (48, 1.0 * (64 / 48) ** 2), (64, 0.5)]
+
+
+def test_one_batch_size_gives_no_estimate_and_a_negative_gradient_estimate_is_missing_not_clamped():
+    assert fit_step([(64, 1.0), (64, 1.2)], num_samples=N) is None
+    noisy = NoiseEstimate(gradient_sq=-0.01, trace=3.0)
+    assert noisy.missing and math.isnan(noisy.noise_scale)
+    assert epoch_noise_scale([noisy, NoiseEstimate(0.03, 1.0), None]) == (pytest.approx(2.0 / 0.01), 2)
+
+
+def test_the_smoother_averages_numerator_and_denominator_apart():
+    smoother = NoiseScaleSmoother(decay=0.5)
+    assert math.isnan(smoother.noise_scale)
+    smoother.update(NoiseEstimate(gradient_sq=1.0, trace=10.0))
+    assert smoother.noise_scale == pytest.approx(10.0)
+    smoother.update(NoiseEstimate(gradient_sq=-1.0, trace=30.0))   # averages -0.25 and 17.5: not positive, NaN
+    assert math.isnan(smoother.noise_scale)
+    smoother.update(NoiseEstimate(gradient_sq=1.0, trace=10.0))    # 0.375 and 13.75: a ratio of averages
+    assert smoother.noise_scale == pytest.approx(13.75 / 0.375)
+
+
+# --- (b) the engine, at fixed weights, against the per-sample gradients of a ResNet ---------------------------------
+# MNIST at initialisation has B_simple ~ 270; a global batch of 256 (of 512 samples) keeps the global point's noise
+# S x(256) below |G|^2, so 40 steps pin |G|^2 down (a 64-sample batch would need thousands).
+RESNET = dict(dataset="mnist", model="resnet8", norm="none", train_samples=512, test_samples=32, batch_size=256,
+              lr=0.0, epochs=20, noise_scale=True, progress=False, checkpoints=False)
+
+
+@pytest.fixture(scope="module")
+def resnet_truth(tmp_path_factory):
+    """|G|^2 and tr(Sigma) of the 512 training samples' gradients at the weights the runs hold (lr = 0 keeps them:
+    the model.pt a run saves), from one backward pass per sample."""
+    from conftest import SHARED_DATA
+    from dynbatch_core import RunConfig, run
+    from dynbatch_core.data import load_datasets
+    from dynbatch_core.models import build_model
+    if not (SHARED_DATA / "mnist.npz").exists():
+        pytest.skip(f"offline data not found at {SHARED_DATA} (set DYNBATCH_TEST_DATA)")
+    folder = tmp_path_factory.mktemp("truth")
+    saved = run(RunConfig(**{**RESNET, "epochs": 1, "noise_scale": False}, data_dir=str(SHARED_DATA), world_size=1,
+                          out=str(folder / "weights")))
+    train, _, _ = load_datasets("mnist", data_dir=SHARED_DATA, train_samples=512, test_samples=32, seed=0)
+    model = build_model("resnet8", in_channels=train.spec.in_channels, num_classes=train.spec.num_classes, norm="none")
+    model.load_state_dict(torch.load(saved.run_dir / "model.pt", weights_only=True))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    images, labels = train.__getitems__(list(range(512)))
+    gradients = []
+    for image, label in zip(images, labels):
+        loss = torch.nn.functional.cross_entropy(model(image[None]), label[None])
+        gradients.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, parameters)]).double())
+    return SHARED_DATA, truth(torch.stack(gradients))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, weights", [(1, None), (2, None), (2, (1.0, 3.0)), (4, None),
+                                                 (4, (1.0, 2.0, 3.0, 4.0))])
+def test_the_engine_measures_the_noise_of_a_resnet_within_15_percent(tmp_path, resnet_truth, world_size, weights):
+    from dynbatch_core import RunConfig, run
+    data_dir, (gradient_sq, trace) = resnet_truth
+    result = run(RunConfig(**RESNET, data_dir=str(data_dir), world_size=world_size, rank_weights=weights,
+                           out=str(tmp_path / "run")))
+    epochs = result.epochs
+    if weights:   # the split really was uneven
+        first = result.steps.query("step == 0").sort_values("rank").batch_size.tolist()
+        assert first[0] < first[-1]
+    measured_gradient_sq, measured_trace = epochs.noise_gradient_sq.mean(), epochs.noise_trace.mean()
+    assert measured_gradient_sq == pytest.approx(gradient_sq, rel=0.15)
+    assert measured_trace == pytest.approx(trace, rel=0.15)
+    assert measured_trace / measured_gradient_sq == pytest.approx(trace / gradient_sq, rel=0.15)
+    assert epochs.noise_missing.ge(0).all() and len(epochs) == 20
+    # the per-step columns: every rank's squared norm of its own mean gradient, and the global one (alike on ranks)
+    assert result.steps.rank_grad_sq.gt(0).all()
+    assert result.steps.groupby("step").global_grad_sq.nunique().eq(1).all()
+
+
+@pytest.mark.slow
+def test_stock_ddp_measures_the_same_norms_as_the_explicit_reduction(tmp_path):
+    """DDP's comm hook sees each rank's gradient bucket before the sum: the same points as the explicit path."""
+    from dynbatch_core import RunConfig, run
+    options = dict(dataset="synthetic", model="resnet8", norm="none", world_size=2, rank_weights=(1.0, 3.0),
+                   train_samples=256, test_samples=32, batch_size=64, epochs=1, noise_scale=True, progress=False,
+                   checkpoints=False)
+    explicit = run(RunConfig(**options, gradient_sync="explicit", out=str(tmp_path / "explicit"))).steps
+    ddp = run(RunConfig(**options, gradient_sync="ddp", out=str(tmp_path / "ddp"))).steps
+    for column in ("rank_grad_sq", "global_grad_sq"):
+        assert ddp[column].tolist() == pytest.approx(explicit[column].tolist(), rel=1e-5)
+    assert explicit.query("rank == 0").rank_grad_sq.ne(explicit.query("rank == 0").global_grad_sq).all()
