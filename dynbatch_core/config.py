@@ -58,6 +58,8 @@ class RunConfig:
     smith_epochs: tuple[int, ...] = _opt((), "smith: epochs at which a step LR schedule would divide the LR",
                                          list_of=int)
     smith_factor: float = _opt(2.0, "smith: that division factor f (B is multiplied by f instead)")
+    decide_every: int = _opt(50, "goodput: steps between decisions of the global batch")
+    goodput_threshold: float = _opt(0.05, "goodput: change B only when the predicted goodput gains more than this")
     warmup_steps: int = _opt(0, "steps of linear LR warm-up after each increase of the global batch")
     balancer: str | None = _opt(None, "per-rank split of the global batch (default: weights if --rank-weights "
                                       "is given, else equal)")
@@ -98,7 +100,8 @@ class RunConfig:
     lr: float = _opt(0.05, "learning rate at the initial batch size (0 freezes the weights: a measurement run)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "weight decay")
-    lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear or sqrt "
+    lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear, sqrt (use it for "
+                                   "Adam) or adascale (SGD: the gain from the measured noise scale, AdaScale) "
                                    "(relative to the initial batch)")
     lr_decay: str = _opt("cosine", "learning-rate decay over the run's samples: cosine (to 0 at the last epoch) "
                                    "or none")
@@ -165,7 +168,7 @@ def _check_writable(out: str | None) -> None:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULE_OPTIONS = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance",
-                    "probe_sizes", "smith_epochs", "smith_factor")
+                    "probe_sizes", "smith_epochs", "smith_factor", "decide_every", "goodput_threshold")
 BALANCER_OPTIONS = ("balance_every", "pid_kp", "pid_ki", "pid_ema", "dead_band", "max_change", "model_window")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-LR_SCALINGS = ("none", "linear", "sqrt")
+LR_SCALINGS = ("none", "linear", "sqrt", "adascale")
 LR_DECAYS = ("none", "cosine")
 
 
@@ -21,7 +21,16 @@ def scaled_lr(base_lr: float, global_batch: int, initial_batch: int, scaling: st
         return base_lr * ratio
     if scaling == "sqrt":
         return base_lr * math.sqrt(ratio)
-    return base_lr
+    return base_lr   # none; adascale multiplies in its measured gain per step (adascale_gain)
+
+
+def adascale_gain(noise_scale: float, global_batch: int, initial_batch: int) -> float:
+    """AdaScale's gain r = (S/B_0 + |G|^2) / (S/B + |G|^2) = (B_simple/B_0 + 1) / (B_simple/B + 1) (Johnson et al.
+    2020): between 1 (no noise: a larger batch buys nothing) and B/B_0 (all noise: linear scaling). Before the noise
+    scale is known (NaN) or when noise made it meaningless (<= 0): 1."""
+    if not noise_scale > 0:
+        return 1.0
+    return (noise_scale / initial_batch + 1.0) / (noise_scale / global_batch + 1.0)
 
 
 def warmup_lr(previous_lr: float, target_lr: float, steps_since_change: int, warmup_steps: int) -> float:

@@ -3,7 +3,7 @@ Large-Batch Training", appendix A; uneven per-rank batches give it for free, as 
 
     points = step_points([0.8, 0.3], [16, 48], global_batch=64, global_sq_norm=0.2)
     estimate = fit_step(points, num_samples=60000)        # NoiseEstimate(gradient_sq=..., trace=...)
-    smoother = NoiseScaleSmoother(decay=0.9); smoother.update(estimate); smoother.noise_scale
+    smoother = NoiseScaleSmoother(decay=0.98); smoother.update(estimate); smoother.noise_scale
 
 The mean gradient over a batch of b samples drawn without replacement from N has E|g_b|^2 = |G|^2 + S x(b) with
 x(b) = (1/b - 1/N) N/(N-1), where G is the full-data gradient and S = tr(Sigma) the trace of the per-sample
@@ -81,7 +81,7 @@ def fit_step(points: Sequence[tuple[int, float]], num_samples: int) -> NoiseEsti
 class NoiseScaleSmoother:
     """Exponential averages of |G|^2 and S kept apart (a ratio of averages), with bias correction."""
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float = 0.98):
         if not 0 <= decay < 1:
             raise ValueError(f"noise-scale decay must be in [0, 1), got {decay}")
         self.decay = decay

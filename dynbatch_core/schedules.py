@@ -22,6 +22,8 @@ for every schedule is in its class docstring:
     score           move B (x2 or /2) in the direction that last improved S = 0.8 loss/loss_0 + 0.2 time/time_0
     probe           one epoch at each of probe_sizes, then the one with the fastest log-loss decrease per second
     smith           multiply B by smith_factor at each of smith_epochs; past max_batch decay the LR instead
+    goodput         every decide_every steps, the B that maximises throughput x statistical efficiency from the
+                    measured gradient noise scale (goodput.py); B carries over between epochs
 
 Because the decisions live in the history, state_dict() records only which schedule it was and the options it
 decides with (load_state_dict refuses a state whose options differ); resuming a run means giving `decide` the same
@@ -32,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Sequence
+
+from .goodput import GoodputRule
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Schedule:
 
     name = "static"
     options: tuple[str, ...] = ()  # the build_schedule options this schedule takes
+    rule = None   # a schedule that also decides inside epochs holds its step rule here (goodput)
 
     def __init__(self, *, initial_batch: int, min_batch: int = 1, max_batch: int | None = None):
         self.initial_batch = initial_batch
@@ -297,9 +302,33 @@ class SmithSchedule(Schedule):
         return ScheduleDecision(self.max_batch, self.max_batch / ideal)
 
 
+class GoodputSchedule(Schedule):
+    """Pollux's goodput, decided inside epochs: `rule` (goodput.GoodputRule) sees every step's time and noise
+    estimate, and the training loop asks it every decide_every steps. At an epoch boundary B stays where it was."""
+
+    name = "goodput"
+    options = ("decide_every", "goodput_threshold")
+
+    def __init__(self, *, decide_every: int = 50, goodput_threshold: float = 0.05, **bounds):
+        super().__init__(**bounds)
+        self.decide_every, self.goodput_threshold = decide_every, goodput_threshold
+        self.rule = GoodputRule(initial_batch=self.clamp(self.initial_batch), min_batch=self.min_batch,
+                                max_batch=self.max_batch, decide_every=decide_every, threshold=goodput_threshold)
+
+    def decide(self, epoch: int, history: Sequence[EpochSummary]) -> ScheduleDecision:
+        return ScheduleDecision(self.current(history))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rule": self.rule.state_dict()}
+
+    def load_state_dict(self, state: dict, *, bounds_may_change: bool = False) -> None:
+        super().load_state_dict(state, bounds_may_change=bounds_may_change)
+        self.rule.load_state_dict(state["rule"])
+
+
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (
     StaticSchedule, IncreasingSchedule, DecreasingSchedule, LossPlateauSchedule, ScoreSchedule, ProbeSchedule,
-    SmithSchedule)}
+    SmithSchedule, GoodputSchedule)}
 
 
 def build_schedule(name: str, *, initial_batch: int, min_batch: int = 1, max_batch: int | None = None,

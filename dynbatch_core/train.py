@@ -30,10 +30,10 @@ from .elastic import ResumeState, newest_checkpoint, with_node_slowdowns
 from .distributed import init_process_group, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
 from .hetero import SlowdownPlan
-from .lr import decay_factor, scaled_lr, warmup_lr
+from .lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
-from .noise_scale import NoiseEstimate, epoch_noise_scale, fit_step
+from .noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step
 from .rundir import git_commit
 from .sampler import DynamicBatchSampler, StepPlan
 from .schedules import EpochSummary, ScheduleDecision, build_schedule
@@ -78,6 +78,8 @@ class Progress:
     epoch_samples: int = 0
     epoch_steps: int = 0
     epoch_elapsed_s: float = 0.0
+    next_decision: int = 0             # the global step at which a step rule (goodput) decides B next
+    scaled_samples: float = 0.0        # AdaScale: samples counted at the initial batch (sum of gain x B_0)
 
 
 class RankTrainer:
@@ -119,18 +121,26 @@ class RankTrainer:
             clip_grad_norm=config.clip_grad_norm, max_micro_batch=config.max_micro_batch,
             autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
             scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-            measure_noise=config.noise_scale)
+            measure_noise=config.noise_scale or config.schedule == "goodput" or config.lr_scaling == "adascale")
+        self.noise_smoother = NoiseScaleSmoother()   # AdaScale's noise scale (every rank alike; rank 0 decides)
+        if self.schedule.rule is not None:   # B never beyond the epoch
+            self.schedule.rule.max_batch = min(self.schedule.rule.max_batch, len(self.train_set))
         self.noise_estimates: list[NoiseEstimate | None] = []   # this epoch's steps (with --noise-scale)
+        self.adascale_gain = 1.0
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
-        self.progress = Progress(previous_target_lr=config.lr)
+        self.progress = Progress(previous_target_lr=config.lr,   # a step rule first decides after decide_every steps
+                                 next_decision=self.schedule.rule.decide_every if self.schedule.rule else 0)
         self.history: list[EpochSummary] = []
         self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
         self.epoch_rows: list[dict] = []   # rank 0
         self.my_rows: list[dict] = []      # this rank's rows of the current epoch
 
     def steps_left(self) -> bool:
+        if self.config.lr_scaling == "adascale" and \
+                self.progress.scaled_samples >= self.config.epochs * len(self.train_set):
+            return False   # AdaScale's budget: the run's samples counted at the initial batch (its LR has decayed)
         return self.config.max_steps is None or self.progress.global_step < self.config.max_steps
 
     def fit(self) -> None:
@@ -154,8 +164,8 @@ class RankTrainer:
     def train_epoch(self) -> None:
         config, progress, epoch = self.config, self.progress, self.progress.epoch
         decision = self.decide_schedule(epoch)
-        target_lr = scaled_lr(config.lr, decision.global_batch, config.batch_size, config.lr_scaling) \
-            * decision.lr_factor
+        batch = decision.global_batch   # a step rule (goodput) may change it inside the epoch
+        target_lr = scaled_lr(config.lr, batch, config.batch_size, config.lr_scaling) * decision.lr_factor
         total_samples = config.epochs * len(self.train_set)
         self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
         self.train_set.set_epoch(epoch)
@@ -178,17 +188,22 @@ class RankTrainer:
             except StopIteration:
                 break
             self.fault.before_step(self.rank, progress.global_step)
-            lr = warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
-                * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
+            target_lr = scaled_lr(config.lr, plan.global_batch, config.batch_size, config.lr_scaling) \
+                * decision.lr_factor
+            lr = self.step_lr(progress, target_lr, plan.global_batch, total_samples)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch,
                                      self.slowdown.factor(self.rank, progress.global_step))
             self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
+            estimate = None if result.noise_points is None else fit_step(result.noise_points, len(self.train_set))
             if result.noise_points is not None:
-                self.noise_estimates.append(fit_step(result.noise_points, len(self.train_set)))
-            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(decision.global_batch))
+                self.noise_estimates.append(estimate)
+                self.noise_smoother.update(estimate)
+            if self.schedule.rule is not None:
+                batch = self.rule_step(batch, result, estimate)
+            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
                 "epoch": epoch, "step": progress.global_step, "rank": self.rank, "world_size": self.world_size,
@@ -200,6 +215,8 @@ class RankTrainer:
             progress.epoch_loss_sum += sum(result.loss_sums)
             progress.epoch_samples += result.global_batch
             progress.samples_seen += result.global_batch
+            progress.scaled_samples += self.adascale_gain * config.batch_size if config.lr_scaling == "adascale" \
+                else result.global_batch
             progress.epoch_steps += 1
             progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
@@ -207,8 +224,8 @@ class RankTrainer:
             remaining = self.remaining_after(plan)
             last_step = not self.steps_left() or (epoch + 1 == config.epochs and remaining == 0)
             if self.rank == 0 and (last_step or self.progress_file.due()):
-                steps_per_epoch = math.ceil(len(self.train_set) / decision.global_batch)
-                total = progress.global_step + math.ceil(remaining / decision.global_batch) \
+                steps_per_epoch = math.ceil(len(self.train_set) / batch)
+                total = progress.global_step + math.ceil(remaining / batch) \
                     + (config.epochs - epoch - 1) * steps_per_epoch
                 self.progress_file.report(
                     epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
@@ -221,9 +238,32 @@ class RankTrainer:
         bar.close()
         progress.epoch_elapsed_s += time.perf_counter() - segment_started
         if self.remaining_after(self.trained) > 0 and not self.steps_left():
-            self.finish_epoch(decision.global_batch, target_lr, complete=False)
+            self.finish_epoch(batch, target_lr, complete=False)
         else:
-            self.finish_epoch(decision.global_batch, target_lr, complete=True)
+            self.finish_epoch(batch, target_lr, complete=True)
+
+    def step_lr(self, progress: Progress, target_lr: float, global_batch: int, total_samples: int) -> float:
+        """This step's learning rate: warm-up after an epoch boundary raised it, AdaScale's gain, decay."""
+        config = self.config
+        if config.lr_scaling == "adascale":  # decay follows the progress counted at B_0 (scale-invariant)
+            self.adascale_gain = decided_by_rank0(
+                lambda: [adascale_gain(self.noise_smoother.noise_scale, global_batch, config.batch_size)], 1,
+                device=self.device)[0]
+            return target_lr * self.adascale_gain * decay_factor(config.lr_decay, progress.scaled_samples,
+                                                                  total_samples)
+        return warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
+            * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
+
+    def rule_step(self, batch: int, result: StepResult, estimate) -> int:
+        """Feed the schedule's step rule this step; when it is due, rank 0 decides the next B and how long it
+        holds, and every rank receives it."""
+        rule, progress = self.schedule.rule, self.progress
+        rule.observe(result.global_batch, max(result.compute_s), estimate)
+        if progress.global_step < progress.next_decision:
+            return batch
+        batch, wait = decided_by_rank0(lambda: list(rule.decide(batch)), 2, device=self.device, integers=True)
+        progress.next_decision = progress.global_step + int(wait)
+        return int(batch)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_batch: int, slowdown: float) -> StepResult:
         options = dict(global_batch=global_batch, rank=self.rank, slowdown=slowdown,
@@ -246,7 +286,7 @@ class RankTrainer:
 
     def noise_columns(self) -> dict:
         """epochs.csv's noise scale of the epoch: a ratio of the mean trace to the mean |G|^2 over its steps."""
-        if not self.config.noise_scale:
+        if not self.step_options.measure_noise:
             return {"noise_scale": None, "noise_gradient_sq": None, "noise_trace": None, "noise_missing": None}
         noise_scale, missing = epoch_noise_scale(self.noise_estimates)
         found = [estimate for estimate in self.noise_estimates if estimate is not None]
@@ -287,14 +327,15 @@ class RankTrainer:
                 f"train_loss={train_loss:.4f} test_loss={test_loss:.4f} test_acc={test_acc:.4f} "
                 f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s"
                 + (f" B_simple={noise['noise_scale']:.1f} ({noise['noise_missing']} of {progress.epoch_steps} steps "
-                   f"with |G|^2 <= 0)" if config.noise_scale else ""))
+                   f"with |G|^2 <= 0)" if self.step_options.measure_noise else ""))
         if not complete:  # stopped by --max-steps inside the epoch; the last periodic checkpoint stays the latest
             return
         self.history.append(EpochSummary(progress.epoch, global_batch, train_loss, epoch_s))
         self.my_rows, self.noise_estimates = [], []
         self.progress = Progress(epoch=progress.epoch + 1, global_step=progress.global_step,
                                  samples_seen=progress.samples_seen, training_s=progress.training_s + epoch_s,
-                                 previous_target_lr=target_lr)
+                                 previous_target_lr=target_lr, next_decision=progress.next_decision,
+                                 scaled_samples=progress.scaled_samples)
         if config.checkpoints:
             self.save_checkpoint()
 
@@ -307,6 +348,7 @@ class RankTrainer:
                 "history": [dataclasses.asdict(summary) for summary in self.history],
                 "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "config": self.config.to_dict(),
                 "noise_estimates": [[] if e is None else [e.gradient_sq, e.trace] for e in self.noise_estimates],
+                "noise_smoother": self.noise_smoother.state_dict(),
                 "git_commit": self.git_commit,
                 "scaler": self.step_options.scaler.state_dict() if self.step_options.scaler is not None else {}}
 
@@ -357,6 +399,8 @@ class RankTrainer:
         self.history = [EpochSummary(**summary) for summary in state["history"]]
         self.step_rows, self.epoch_rows = state["step_rows"], state["epoch_rows"]
         self.noise_estimates = [NoiseEstimate(*pair) if pair else None for pair in state.get("noise_estimates", [])]
+        if "noise_smoother" in state:
+            self.noise_smoother.load_state_dict(state["noise_smoother"])
         if same_size:
             self.my_rows = mine["rows"]
         else:  # rank 0 carries the old ranks' rows of this epoch into the gathered tables

@@ -186,7 +186,8 @@ def test_restored_schedule_decides_like_the_original(name):
 # another value for every decision option; each differs from config_options()'s
 OTHER_OPTION_VALUES = {"initial_batch": 32, "min_batch": 4, "max_batch": 256, "every": 2, "plateau_window": 3,
                        "plateau_threshold": 20.0, "time_budget_s": 60.0, "score_tolerance": 0.05,
-                       "probe_sizes": (16, 64), "smith_epochs": (2,), "smith_factor": 3.0}
+                       "probe_sizes": (16, 64), "smith_epochs": (2,), "smith_factor": 3.0, "decide_every": 7,
+                       "goodput_threshold": 0.1}
 
 
 @pytest.mark.parametrize("name, option", [(name, option) for name, cls in SCHEDULES.items()

@@ -1,0 +1,87 @@
+"""The goodput rule on synthetic step times and a known noise scale: where it goes, how it explores, no flapping."""
+import random
+
+import pytest
+
+from dynbatch_core.goodput import EXPLORE_STEPS, GoodputRule
+from dynbatch_core.noise_scale import NoiseEstimate
+
+
+def simulate(rule, step_s, steps=400, start=32, noise=0.0, seed=0):
+    """Drive the rule as the training loop does; returns the B of every step."""
+    rng, batch, due, batches = random.Random(seed), start, 0, []
+    for step in range(steps):
+        if step == due:
+            batch, wait = rule.decide(batch)
+            due = step + wait
+        seconds = step_s(batch) * (1 + rng.uniform(-noise, noise))
+        rule.observe(batch, seconds, NoiseEstimate(gradient_sq=1.0, trace=256.0))   # B_simple = 256
+        batches.append(batch)
+    return batches
+
+
+def gpu_like(batch):   # a fixed 100 ms per step dominates small batches
+    return 0.100 + 0.001 * batch
+
+
+def test_with_a_fixed_cost_per_step_it_climbs_to_the_best_batch_and_stays():
+    # goodput (256 + 32) / (256 + B) x B / (0.1 + 0.001 B): 0.84 at 32, 1.22 at 64, 1.46 at 128, 1.40 at 256
+    batches = simulate(GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20), gpu_like)
+    assert batches[-100:] == [128] * 100
+    assert set(batches) <= {16, 32, 64, 128, 256}   # factor-2 moves only
+    assert batches.count(256) == EXPLORE_STEPS      # 256 was tried once, measured, and judged worse
+
+
+def test_without_a_fixed_cost_it_moves_down_while_a_halving_gains_more_than_the_threshold():
+    # a sample costs the same at any B, so only efficiency counts: (256 + 16) / (256 + 32) = 0.94 (a 6 % gain for
+    # halving to 16), but 16 -> 8 gains 3 %, under the 5 % threshold
+    batches = simulate(GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20),
+                       lambda batch: 0.001 * batch)
+    assert batches[-50:] == [16] * 50
+
+
+def test_under_timing_noise_it_does_not_flap():
+    batches = simulate(GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20), gpu_like,
+                       steps=800, noise=0.05)
+    settled = batches[300:]
+    changes = sum(1 for a, b in zip(settled, settled[1:]) if a != b)
+    assert set(settled) <= {64, 128, 256} and changes <= 4, changes
+
+
+def test_no_decision_before_the_noise_scale_is_known():
+    rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    assert rule.decide(32) == (32, 20)
+    rule.observe(32, 0.1, NoiseEstimate(gradient_sq=-1.0, trace=5.0))   # |G|^2 <= 0: still unknown
+    assert rule.decide(32) == (32, 20)
+
+
+def test_a_restored_rule_decides_like_the_original():
+    original = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    simulate(original, gpu_like, steps=70)
+    restored = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    restored.load_state_dict(original.state_dict())
+    assert [restored.decide(64) for _ in range(3)] == [original.decide(64) for _ in range(3)]
+
+
+def test_the_adascale_gain_runs_from_one_without_noise_to_linear_scaling_in_pure_noise():
+    from dynbatch_core.lr import adascale_gain
+    assert adascale_gain(0.001, 256, 32) == pytest.approx(1.0, abs=1e-3)      # no noise: a larger B buys nothing
+    assert adascale_gain(1e9, 256, 32) == pytest.approx(256 / 32, rel=1e-6)   # all noise: linear scaling
+    assert adascale_gain(64.0, 128, 32) == pytest.approx((64 / 32 + 1) / (64 / 128 + 1))
+    assert adascale_gain(float("nan"), 128, 32) == 1.0 and adascale_gain(-5.0, 128, 32) == 1.0
+
+
+@pytest.mark.slow
+def test_a_goodput_run_grows_its_batch_where_a_fixed_step_cost_dominates_and_measures_the_noise(tmp_path):
+    """Emulated GPU-like costs (40 ms a step + 0.1 ms a sample): B = 16 wastes most of each step on the fixed cost."""
+    from dynbatch_core import RunConfig, run
+    result = run(RunConfig(dataset="synthetic", model="resnet8", norm="none", world_size=2, train_samples=1024,
+                           test_samples=64, batch_size=16, epochs=2, schedule="goodput", decide_every=8,
+                           emulated_step_ms=40.0, emulated_sample_ms=0.1, lr_scaling="adascale", progress=False,
+                           out=str(tmp_path / "goodput")))
+    batches = result.steps.query("rank == 0").global_batch
+    assert batches.iloc[0] == 16 and batches.iloc[-1] >= 64
+    assert result.epochs.noise_scale.notna().all() and result.epochs.noise_missing.ge(0).all()
+    assert result.steps.groupby("epoch").batch_size.sum().tolist()[0] == 1024   # every sample once per epoch
+    # AdaScale: the LR follows the gain, between 1x and B/B_0 x the base LR (before decay)
+    assert result.steps.lr.max() > 0.05
