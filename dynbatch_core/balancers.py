@@ -80,16 +80,6 @@ class Balancer:
     def end_epoch(self) -> None:
         """Called on every rank after the last step of an epoch."""
 
-    def residuals(self) -> list[list[float]]:
-        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned),
-        each limited to RESIDUAL_LIMIT residual spreads of its rank: the first step's warm-up, or a step in which
-        the machine descheduled a rank, says nothing about the next step and must not decide the split."""
-        columns = []
-        for window, line, spread in zip(self.points, self.lines, self.spreads):
-            limit = RESIDUAL_LIMIT * spread
-            columns.append([min(max(t - line.time_s(b), -limit), limit) for b, t in window])
-        return [list(row) for row in zip(*columns)]
-
     def cost_line(self, rank: int) -> AffineCost | None:
         """The fitted step-time line of `rank`, for balancers that model one."""
         return None
