@@ -80,6 +80,7 @@ class Progress:
     epoch_elapsed_s: float = 0.0
     next_decision: int = 0             # the global step at which a step rule (goodput) decides B next
     scaled_samples: float = 0.0        # AdaScale: samples counted at the initial batch (sum of gain x B_0)
+    batch: int = 0                     # the B a step rule set inside the current epoch (0: the epoch's decision)
 
 
 class RankTrainer:
@@ -164,7 +165,7 @@ class RankTrainer:
     def train_epoch(self) -> None:
         config, progress, epoch = self.config, self.progress, self.progress.epoch
         decision = self.decide_schedule(epoch)
-        batch = decision.global_batch   # a step rule (goodput) may change it inside the epoch
+        batch = progress.batch or decision.global_batch   # a step rule (goodput) may change it inside the epoch
         target_lr = scaled_lr(config.lr, batch, config.batch_size, config.lr_scaling) * decision.lr_factor
         total_samples = config.epochs * len(self.train_set)
         self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
@@ -202,7 +203,7 @@ class RankTrainer:
                 self.noise_estimates.append(estimate)
                 self.noise_smoother.update(estimate)
             if self.schedule.rule is not None:
-                batch = self.rule_step(batch, result, estimate)
+                batch = progress.batch = self.rule_step(batch, result, estimate)
             self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({

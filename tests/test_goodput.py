@@ -85,3 +85,23 @@ def test_a_goodput_run_grows_its_batch_where_a_fixed_step_cost_dominates_and_mea
     assert result.steps.groupby("epoch").batch_size.sum().tolist()[0] == 1024   # every sample once per epoch
     # AdaScale: the LR follows the gain, between 1x and B/B_0 x the base LR (before decay)
     assert result.steps.lr.max() > 0.05
+
+
+@pytest.mark.slow
+def test_a_goodput_run_resumed_mid_epoch_takes_the_same_batches(tmp_path, monkeypatch):
+    """Emulated costs make every decision deterministic; the rule's state and the B it set inside the epoch are
+    checkpointed, so a run killed after a change inside an epoch goes on with the same global batches."""
+    from dynbatch_core import RunConfig, RunFailed, run
+    options = dict(dataset="synthetic", model="resnet8", norm="none", world_size=2, train_samples=1024,
+                   test_samples=64, batch_size=16, epochs=2, schedule="goodput", decide_every=8,
+                   emulated_step_ms=40.0, emulated_sample_ms=0.1, checkpoint_every=5, progress=False)
+    reference = run(RunConfig(**options, out=str(tmp_path / "reference"))).steps
+    monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
+    monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:27")
+    with pytest.raises(RunFailed):
+        run(RunConfig(**options, out=str(tmp_path / "resumed")))
+    monkeypatch.delenv("DYNBATCH_FAULT")
+    resumed = run(RunConfig(**options, out=str(tmp_path / "resumed"), resume=str(tmp_path / "resumed"))).steps
+    batches = reference.query("rank == 0").global_batch.tolist()
+    assert len(set(batches[:25])) > 1   # B changed inside the first epoch before the checkpoint at step 25
+    assert resumed.query("rank == 0").global_batch.tolist() == batches

@@ -28,8 +28,11 @@ SMOKE_PARAMETERS = {
              "min_batch": 8},  # room for loss-plateau to halve at both of its decisions (32 -> 16 -> 8)
     "4gpu": {"world_size": 4, "train_samples": 512, "test_samples": 200, "epochs": 3,
              "schedules": {"static": 64, "increasing": 16, "decreasing": 256, "loss-plateau": 64}},
+    # emulated costs (2 ms a sample, times the slowdown): the speed-up over equal is then the balancers' doing, not
+    # the machine's load (real timing measured 1.14 to 1.9 for the same run on this shared machine)
     "heterogeneous": {"world_size": 2, "slowdown": [1, 3], "train_samples": 768, "test_samples": 200, "epochs": 2,
-                      "batch_size": 64, "balancers": ["equal", "dbs", "pid"], "sweep_slowest": []},
+                      "batch_size": 64, "balancers": ["equal", "dbs", "pid"], "sweep_slowest": [],
+                      "emulated_sample_ms": 2.0},
 }
 
 
@@ -222,7 +225,7 @@ def test_heterogeneous_balancers_give_the_fast_rank_more_and_speed_up_over_equal
     assert split["equal"] == [32, 32]
     assert split["dbs"][0] > split["dbs"][1] and split["pid"][0] > split["pid"][1]  # rank 1 is 3x slower
     speedup = {row["balancer"]: row["speedup"] for row in summary["speedup"]}
-    assert speedup["dbs"] > 1.2  # ceiling 2.0; measured ~1.9 on 2 CPU cores
+    assert speedup["dbs"] > 1.5  # ceiling 2.0: equal waits 32 x 3 x 2 = 192 ms a step, a balanced 48/16 split 96 ms
     assert all(run["final_test_acc"] > 0.2 for run in summary["runs"].values())
 
 
