@@ -459,7 +459,7 @@ def main_report(args: argparse.Namespace) -> int:
     out = (repo / args.out).resolve()
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed: dict[str, str] = {}   # notebook -> the last line of its error
     if not args.no_execute:
         bar = tqdm(args.notebooks, desc=f"report ({args.params})", unit="notebook", file=sys.stderr)
         for notebook in bar:
@@ -469,8 +469,8 @@ def main_report(args: argparse.Namespace) -> int:
                                            parameters=data_parameters(args, repo, notebook))
                 bar.write(f"[dynbatch] {notebook}: {seconds:.0f} s -> {out / 'notebooks' / (notebook + '.ipynb')}")
             except Exception as error:  # papermill's PapermillExecutionError, a missing kernel, bad YAML ...
-                failed.append(notebook)
                 last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+                failed[notebook] = last_line
                 bar.write(f"[dynbatch] {notebook} FAILED: {last_line}")
     report_path = write_report(repo, out, failed)
     print(report_path)
@@ -488,8 +488,11 @@ def data_parameters(args: argparse.Namespace, repo: Path, notebook: str) -> dict
     return parameters
 
 
-def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
-    """<out>/REPORT.md from <out>/figures/*__summary.json and the executed notebooks' metadata."""
+def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] = ()) -> Path:
+    """<out>/REPORT.md from <out>/figures/*__summary.json and the executed notebooks' metadata. `failed`: the
+    notebooks that failed, with their error lines (a dict) or without (a list); each is named, with its error, at
+    the top of the report, where no reader can miss it."""
+    failed = dict(failed) if isinstance(failed, dict) else {notebook: "" for notebook in failed}
     import nbformat
     from .rundir import git_commit
     sections, comparisons, total_s, parameter_sets = [], [], 0.0, set()
@@ -499,7 +502,8 @@ def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
         executed_path = out / "notebooks" / f"{notebook}.ipynb"
         if notebook in failed or not summary_path.exists() or not executed_path.exists():
             state = "failed" if notebook in failed else "not run"
-            sections.append(f"## {notebook}\n\n*{state}* — see `{executed_path.relative_to(out)}`.\n")
+            reason = f": `{failed[notebook]}`" if failed.get(notebook) else ""
+            sections.append(f"## {notebook}\n\n*{state}*{reason} — see `{executed_path.relative_to(out)}`.\n")
             continue
         done += 1
         summary = json.loads(summary_path.read_text())
@@ -522,8 +526,11 @@ def write_report(repo: Path, out: Path, failed: Sequence[str] = ()) -> Path:
         if summary.get("comparison"):
             comparisons.append(f"- **{notebook}**: " + " ".join(summary["comparison"]))
         sections.append("\n".join(lines))
+    alarm = [f"**{len(failed)} notebook(s) FAILED; this report is incomplete:**\n\n"
+             + "\n".join(f"- `{notebook}`" + (f": `{line}`" if line else "") for notebook, line in failed.items())
+             + "\n"] if failed else []
     head = [
-        "# dynbatch report\n",
+        "# dynbatch report\n", *alarm,
         f"Written by `python -m dynbatch_core report --params {'/'.join(sorted(parameter_sets)) or '?'}` on "
         f"{datetime.date.today().isoformat()} at git commit `{commit}`"
         + (" (`-dirty`: from uncommitted changes on top of that commit)" if commit.endswith("-dirty") else "")

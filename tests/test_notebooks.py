@@ -242,3 +242,11 @@ def test_report_md_shows_each_executed_notebooks_figures_findings_and_parameters
             assert f"(figures/{figure['png']})" in text and figure["findings"][0] in text
     assert "world_size=4" in text  # injected parameters are listed
     assert "## Comparison with the class study" in text
+
+
+def test_a_failed_notebook_and_its_error_line_stand_at_the_top_of_the_report(tmp_path):
+    text = report.write_report(REPO, tmp_path, {"1gpu_mnist": "ValueError: dataset 'mnist': no data found"}).read_text()
+    top = text.split("## Comparison with the class study")[0]
+    assert "1 notebook(s) FAILED" in top and "`1gpu_mnist`: `ValueError: dataset 'mnist': no data found`" in top
+    assert "## 1gpu_mnist\n\n*failed*: `ValueError: dataset 'mnist': no data found`" in text
+    assert "FAILED" not in report.write_report(REPO, tmp_path).read_text().split("## Comparison")[0]
