@@ -28,8 +28,8 @@ import math
 import statistics
 from typing import Sequence
 
-from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, min_max_split,
-                         predicted_step_s, proportional_fit, residual_spread_s)
+from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, predicted_step_s,
+                         proportional_fit, residual_spread_s)
 
 
 def largest_remainder_split(total: int, weights: Sequence[float], *, min_size: int = 1,

@@ -22,8 +22,6 @@ Decisions are made by rank 0 and broadcast (agreement.decided_by_rank0) like eve
 """
 from __future__ import annotations
 
-import math
-
 from .cost_model import AffineCost, fit_affine
 from .noise_scale import NoiseEstimate, NoiseScaleSmoother
 

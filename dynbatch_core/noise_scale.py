@@ -111,12 +111,15 @@ class NoiseScaleSmoother:
         self.trace, self.weight = state["trace"], state["weight"]
 
 
+def mean_estimate(estimates: Sequence[NoiseEstimate | None]) -> NoiseEstimate:
+    """The mean |G|^2 and mean S of the steps that gave an estimate (NaN for none)."""
+    found = [estimate for estimate in estimates if estimate is not None]
+    if not found:
+        return NoiseEstimate(math.nan, math.nan)
+    return NoiseEstimate(sum(e.gradient_sq for e in found) / len(found), sum(e.trace for e in found) / len(found))
+
+
 def epoch_noise_scale(estimates: Sequence[NoiseEstimate | None]) -> tuple[float, int]:
     """(the epoch's B_simple as a ratio of its mean S to its mean |G|^2, steps whose own |G|^2 was not positive)."""
-    found = [estimate for estimate in estimates if estimate is not None]
-    missing = sum(1 for estimate in found if estimate.missing) + (len(estimates) - len(found))
-    if not found:
-        return math.nan, missing
-    gradient_sq = sum(e.gradient_sq for e in found) / len(found)
-    trace = sum(e.trace for e in found) / len(found)
-    return (trace / gradient_sq if gradient_sq > 0 else math.nan), missing
+    missing = sum(1 for estimate in estimates if estimate is None or estimate.missing)
+    return mean_estimate(estimates).noise_scale, missing

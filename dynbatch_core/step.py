@@ -149,12 +149,10 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch
 
 def squared_grad_norm(model: torch.nn.Module, options: StepOptions) -> float:
     """|gradient|^2 over the model's parameters (float16 loss scaling undone), in float64."""
-    total = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is not None:
-            total = total + param.grad.detach().double().pow(2).sum().cpu()
+    squares = [param.grad.detach().double().pow(2).sum() for param in model.parameters() if param.grad is not None]
+    total = float(torch.stack(squares).sum()) if squares else 0.0   # one device sync, not one per parameter
     scale = options.scaler.get_scale() if options.scaler is not None else 1.0
-    return float(total) / scale ** 2
+    return total / scale ** 2
 
 
 def noise_points(local_sq: list[float], batches: list[int], global_sq: float,

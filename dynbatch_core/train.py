@@ -33,7 +33,7 @@ from .hetero import SlowdownPlan
 from .lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
-from .noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step
+from .noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, mean_estimate
 from .rundir import git_commit
 from .sampler import DynamicBatchSampler, StepPlan
 from .schedules import EpochSummary, ScheduleDecision, build_schedule
@@ -290,10 +290,9 @@ class RankTrainer:
         if not self.step_options.measure_noise:
             return {"noise_scale": None, "noise_gradient_sq": None, "noise_trace": None, "noise_missing": None}
         noise_scale, missing = epoch_noise_scale(self.noise_estimates)
-        found = [estimate for estimate in self.noise_estimates if estimate is not None]
-        mean = (lambda values: sum(values) / len(values) if values else math.nan)
-        return {"noise_scale": noise_scale, "noise_gradient_sq": mean([e.gradient_sq for e in found]),
-                "noise_trace": mean([e.trace for e in found]), "noise_missing": missing}
+        mean = mean_estimate(self.noise_estimates)
+        return {"noise_scale": noise_scale, "noise_gradient_sq": mean.gradient_sq, "noise_trace": mean.trace,
+                "noise_missing": missing}
 
     def remaining_after(self, plan: StepPlan | None) -> int:
         """Samples of the epoch after the trained step `plan` (the sampler itself may have run ahead of it)."""

@@ -1,5 +1,4 @@
 """Elastic: a run resumed on another number of ranks follows the uninterrupted run (same global batches, norm none)."""
-import pandas as pd
 import pytest
 import torch
 
