@@ -96,6 +96,14 @@ class RunConfig:
                                   "ahead as the loader prefetches)")
     emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "
                                                  "(times the slowdown): step time = (step_ms + b x sample_ms) x k")
+    emulated_clock: bool = _opt(False, "with --emulated-sample-ms: report the emulated cost as each rank's compute "
+                                       "time without sleeping it (runs at full speed; time on the emulated "
+                                       "hardware is then the sum over steps of the slowest rank's compute_s in "
+                                       "steps.csv, while wall_s stays this machine's time)")
+    eval_bn_samples: int = _opt(0, "before each evaluation, re-estimate batch-norm running statistics at the "
+                                    "current weights from this many training samples (precise BN; the running "
+                                    "averages lag the weights when epochs have few steps, as at large batches); "
+                                    "0: evaluate with the running averages")
     optimizer: str = _opt("sgd", "sgd or adam")
     lr: float = _opt(0.05, "learning rate at the initial batch size (0 freezes the weights: a measurement run)")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -286,6 +294,10 @@ def validate_config(config: RunConfig) -> str:
     if config.emulated_step_ms is not None and (config.emulated_sample_ms is None or not config.emulated_step_ms >= 0):
         raise ValueError(f"--emulated-step-ms must be >= 0 and needs --emulated-sample-ms, got "
                          f"{config.emulated_step_ms} with --emulated-sample-ms {config.emulated_sample_ms}")
+    if config.eval_bn_samples < 0:
+        raise ValueError(f"--eval-bn-samples must be >= 0, got {config.eval_bn_samples}")
+    if config.emulated_clock and config.emulated_sample_ms is None:
+        raise ValueError("--emulated-clock needs --emulated-sample-ms (the cost it reports)")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
     for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):

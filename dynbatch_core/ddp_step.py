@@ -16,7 +16,7 @@ exactly as they would for a slower device. Per-rank (compute_s, batch, loss) the
 
 Batch-norm buffers are not broadcast from rank 0 at every forward (broadcast_buffers=False, or its successor
 forward_sync_buffers=False): each rank keeps its
-own running statistics, averaged by the engine before evaluation (train.average_buffers).
+own running statistics, averaged by the engine before evaluation (evaluation.average_buffers).
 """
 from __future__ import annotations
 
@@ -43,17 +43,19 @@ class BucketClock:
         self.slowdown = 1.0
         self.emulated_sample_s: float | None = None   # emulation (see step.take_emulated_delay), or None
         self.emulated_step_s = 0.0
+        self.emulated_sleep = True
         self.buckets = 0                              # gradient buckets seen in the current step
         self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
         self.measure_noise = False
         self._start_event = self._ready_event = None
 
     def start(self, *, batch: int = 0, slowdown: float = 1.0, emulated_sample_s: float | None = None,
-              emulated_step_s: float = 0.0) -> None:
+              emulated_step_s: float = 0.0, emulated_sleep: bool = True) -> None:
         """Call at the start of every step, before forward (batch: this rank's samples, for the emulation)."""
         self.batch, self.slowdown, self.compute_s, self.buckets = batch, slowdown, 0.0, 0
         self.local_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         self.emulated_sample_s, self.emulated_step_s = emulated_sample_s, emulated_step_s
+        self.emulated_sleep = emulated_sleep
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._ready_event = torch.cuda.Event(enable_timing=True)
@@ -70,7 +72,7 @@ class BucketClock:
     def last_bucket_ready(self) -> None:
         """Measure this rank's compute time and take the emulated delay, before the last all-reduce starts."""
         self.compute_s = take_emulated_delay(self.elapsed_s(), self.batch, self.slowdown, self.emulated_sample_s,
-                                             self.emulated_step_s)
+                                             self.emulated_step_s, self.emulated_sleep)
 
 
 def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -121,14 +123,14 @@ def _no_buffer_broadcast() -> dict:
 def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                    labels: torch.Tensor, *, global_batch: int, rank: int, slowdown: float = 1.0,
                    emulated_sample_s: float | None = None, emulated_step_s: float = 0.0,
-                   options: StepOptions = StepOptions()) -> StepResult:
+                   emulated_sleep: bool = True, options: StepOptions = StepOptions()) -> StepResult:
     """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
     clock: BucketClock = model.clock
     optimizer.zero_grad(set_to_none=True)
     clock.measure_noise = options.measure_noise
     first_half = [] if options.measure_noise and dist.get_world_size() == 1 else None
     clock.start(batch=len(labels), slowdown=slowdown, emulated_sample_s=emulated_sample_s,
-                emulated_step_s=emulated_step_s)
+                emulated_step_s=emulated_step_s, emulated_sleep=emulated_sleep)
     loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync,
                                 first_half=first_half)
     backward_done = time.perf_counter()

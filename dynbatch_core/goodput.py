@@ -2,16 +2,21 @@
 from the measured gradient noise scale (noise_scale.py) and the run's own step times.
 
     rule = GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=50)
-    rule.observe(global_batch=64, step_s=0.21, estimate=NoiseEstimate(...))   # after every step
+    rule.observe([40, 24], [0.21, 0.20], estimate=NoiseEstimate(...))   # after every step: split, compute_s
     batch, steps = rule.decide(64)          # when due: the B for the next `steps` steps
 
   efficiency   E(B) = (B_simple + B_0) / (B_simple + B): the progress a sample buys at B relative to the initial
                batch B_0 (McCandlish et al. 2018); B_simple is the noise scale smoothed over ~50 steps (a
                single step's estimate is mostly noise once B_simple is far above the batch).
-  throughput   T(B) = B / t(B), with the step time t(B) = a + c B fitted (Theil-Sen, cost_model.fit_affine) to the
-               recent step times of every B tried: a fixed cost per step plus a cost per sample, so a larger B pays
-               off exactly as far as the fixed cost is amortised. The step time is the slowest rank's compute
-               time, so a slow rank (and the balancer's answer to it) enters the choice.
+  throughput   T(B) = B / t(B). Each rank's compute time is fitted as t_i(b) = a_i + c_i b (Theil-Sen,
+               cost_model.fit_affine) to its recent (b_i, compute_s) points: a fixed cost per step plus a cost per
+               sample, so a larger B pays off exactly as far as the fixed cost is amortised. t(B) is the slowest
+               rank's time under the best split of B over those lines (cost_model.min_max_split), as a balancer
+               would split it: a slow rank enters the choice, while the splits a balancer is still moving through
+               (after a change of B) do not. Until every rank has points at two sizes, one line through the
+               steps' (B, slowest compute_s) stands in. What a step takes beyond its slowest rank's compute (the
+               reduction, the optimizer step; measured on rank 0, median of the recent steps) is added as a
+               fixed cost: on a CPU it is much of what a small batch wastes.
   candidates   B / FACTOR, B, B x FACTOR (FACTOR = 2), within [min_batch, max_batch].
   explore      a candidate outside the range of batch sizes seen so far would be priced by extrapolation, which an
                affine fit around one B cannot do (on a CPU a 2x larger B is far from 2x cheaper per sample): it is
@@ -22,12 +27,17 @@ Decisions are made by rank 0 and broadcast (agreement.decided_by_rank0) like eve
 """
 from __future__ import annotations
 
-from .cost_model import AffineCost, fit_affine
+import statistics
+from typing import Sequence
+
+from .cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s
 from .noise_scale import NoiseEstimate, NoiseScaleSmoother
 
 FACTOR = 2
 EXPLORE_STEPS = 4
 TIMES_PER_BATCH = 16   # the most recent step times kept per batch size: a B tried once stays priced
+SIZES_PER_RANK = 12    # per rank, the batch sizes most recently seen (a balancer moving b leaves many behind)
+OVERHEADS_KEPT = 64    # the most recent per-step costs beyond compute
 
 
 class GoodputRule:
@@ -41,16 +51,28 @@ class GoodputRule:
         self.initial_batch, self.min_batch, self.max_batch = initial_batch, min_batch, max_batch
         self.threshold = threshold
         self.smoother = NoiseScaleSmoother(noise_decay)
-        self.times: dict[int, list[float]] = {}   # batch size -> its most recent step times
+        self.times: dict[int, list[float]] = {}   # global batch -> its most recent slowest-rank step times
+        self.rank_times: list[dict[int, list[float]]] = []   # per rank: its batch -> its most recent compute times
+        self.overheads: list[float] = []   # recent seconds per step beyond the slowest rank's compute
         self.explored: set[int] = set()
         self.exploring: int | None = None   # while a candidate is tried: the B to return to
 
-    def observe(self, global_batch: int, step_s: float, estimate: NoiseEstimate | None) -> None:
+    def observe(self, rank_batches: Sequence[int], compute_s: Sequence[float], estimate: NoiseEstimate | None,
+                overhead_s: float = 0.0) -> None:
+        """One step: each rank's batch and compute seconds, the step's noise estimate (None: not measured), and
+        what the step took beyond the slowest rank's compute."""
         self.smoother.update(estimate)
-        recent = self.times.setdefault(int(global_batch), [])
-        recent.append(float(step_s))
-        del recent[:-TIMES_PER_BATCH]
-        self.explored.add(int(global_batch))
+        self.overheads = [*self.overheads[1 - OVERHEADS_KEPT:], float(overhead_s)]
+        if len(self.rank_times) != len(rank_batches):   # first step, or another world size: start over
+            self.rank_times = [{} for _ in rank_batches]
+        for times, batch, seconds in zip(self.rank_times, rank_batches, compute_s):
+            _remember(times, int(batch), float(seconds))
+            times[int(batch)] = times.pop(int(batch))   # most recently seen last
+            while len(times) > SIZES_PER_RANK:
+                del times[next(iter(times))]
+        global_batch = int(sum(rank_batches))
+        _remember(self.times, global_batch, float(max(compute_s)))
+        self.explored.add(global_batch)
 
     @property
     def noise_scale(self) -> float:
@@ -60,12 +82,23 @@ class GoodputRule:
         noise = self.noise_scale
         return (noise + self.initial_batch) / (noise + batch)
 
-    def step_line(self) -> AffineCost | None:
-        return fit_affine([(batch, seconds) for batch, times in self.times.items() for seconds in times])
+    def rank_lines(self) -> list[AffineCost] | None:
+        lines = [fit_affine([(b, t) for b, times in rank.items() for t in times]) for rank in self.rank_times]
+        return lines if lines and all(line is not None for line in lines) else None
 
-    def goodput(self, batch: int, line: AffineCost) -> float:
+    def step_time_s(self, batch: int, lines: list[AffineCost] | None = None) -> float | None:
+        """The predicted step time at global batch `batch` (None: nothing to predict from yet); `lines`: the
+        rank_lines() already fitted."""
+        lines = lines or self.rank_lines()
+        overhead_s = statistics.median(self.overheads) if self.overheads else 0.0
+        if lines is not None and batch >= len(lines):
+            return predicted_step_s(min_max_split(batch, lines), lines) + overhead_s
+        line = fit_affine([(b, seconds) for b, times in self.times.items() for seconds in times])
+        return None if line is None else line.time_s(batch) + overhead_s
+
+    def goodput(self, batch: int, lines: list[AffineCost] | None = None) -> float:
         """Samples of progress per second at `batch` (relative to B_0's efficiency)."""
-        return self.efficiency(batch) * batch / line.time_s(batch)
+        return self.efficiency(batch) * batch / self.step_time_s(batch, lines)
 
     def candidates(self, current: int) -> list[int]:
         found = {min(max(int(round(b)), self.min_batch), self.max_batch)
@@ -82,21 +115,38 @@ class GoodputRule:
         if unseen:   # price it by measuring, not by extrapolating
             self.exploring = current
             return unseen[0], EXPLORE_STEPS
-        line = self.step_line()
-        if line is None:
+        lines = self.rank_lines()
+        if self.step_time_s(current, lines) is None:
             return current, self.decide_every
-        best = max(self.candidates(current), key=lambda b: self.goodput(b, line))
-        if self.goodput(best, line) > (1 + self.threshold) * self.goodput(current, line):
+        best = max(self.candidates(current), key=lambda b: self.goodput(b, lines))
+        if self.goodput(best, lines) > (1 + self.threshold) * self.goodput(current, lines):
             return best, self.decide_every
         return current, self.decide_every
 
     def state_dict(self) -> dict:
-        return {"smoother": self.smoother.state_dict(),
-                "times": [[batch, list(times)] for batch, times in sorted(self.times.items())],
+        return {"smoother": self.smoother.state_dict(), "times": _listed(self.times),
+                "rank_times": [_listed(rank) for rank in self.rank_times], "overheads": list(self.overheads),
                 "explored": sorted(self.explored), "exploring": self.exploring or 0}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, same_ranks: bool = True) -> None:
+        """same_ranks=False (resumed on another world size): the per-rank times are dropped, the rest kept."""
         self.smoother.load_state_dict(state["smoother"])
-        self.times = {int(batch): [float(t) for t in times] for batch, times in state["times"]}
+        self.times = _keyed(state["times"])
+        self.rank_times = [_keyed(rank) for rank in state.get("rank_times", [])] if same_ranks else []
+        self.overheads = [float(t) for t in state.get("overheads", [])]
         self.explored = set(int(b) for b in state["explored"])
         self.exploring = int(state["exploring"]) or None
+
+
+def _remember(times: dict[int, list[float]], batch: int, seconds: float) -> None:
+    recent = times.setdefault(batch, [])
+    recent.append(seconds)
+    del recent[:-TIMES_PER_BATCH]
+
+
+def _listed(times: dict[int, list[float]]) -> list:
+    return [[batch, list(values)] for batch, values in sorted(times.items())]
+
+
+def _keyed(listed: list) -> dict[int, list[float]]:
+    return {int(batch): [float(t) for t in values] for batch, values in listed}

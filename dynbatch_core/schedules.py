@@ -323,7 +323,7 @@ class GoodputSchedule(Schedule):
 
     def load_state_dict(self, state: dict, *, bounds_may_change: bool = False) -> None:
         super().load_state_dict(state, bounds_may_change=bounds_may_change)
-        self.rule.load_state_dict(state["rule"])
+        self.rule.load_state_dict(state["rule"], same_ranks=not bounds_may_change)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (

@@ -179,12 +179,14 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, opt
 
 
 def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulated_sample_s: float | None,
-                        emulated_step_s: float = 0.0) -> float:
+                        emulated_step_s: float = 0.0, emulated_sleep: bool = True) -> float:
     """Sleep so that this rank looks `slowdown` times slower (or takes exactly the emulated cost); returns the
-    compute seconds to report. Call it when forward and backward are done, before the reduction."""
+    compute seconds to report. Call it when forward and backward are done, before the reduction.
+    emulated_sleep=False (--emulated-clock): report the emulated cost without waiting for it."""
     if emulated_sample_s is not None:
         target_s = (emulated_step_s + batch * emulated_sample_s) * slowdown
-        time.sleep(max(0.0, target_s - compute_s))
+        if emulated_sleep:
+            time.sleep(max(0.0, target_s - compute_s))
         return target_s
     if slowdown > 1.0:
         # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
@@ -195,7 +197,8 @@ def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulated_
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
                slowdown: float = 1.0, emulated_sample_s: float | None = None,
-               emulated_step_s: float = 0.0, options: StepOptions = StepOptions()) -> StepResult:
+               emulated_step_s: float = 0.0, emulated_sleep: bool = True,
+               options: StepOptions = StepOptions()) -> StepResult:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
     `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
@@ -209,7 +212,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     started = time.perf_counter()
     loss_sum = forward_backward(model, images, labels, global_batch, options, first_half=first_half)
     compute_s = time.perf_counter() - started
-    compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s)
+    compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s,
+                                    emulated_sleep)
     local_sq = squared_grad_norm(model, options) if options.measure_noise else 0.0
     stats = torch.zeros(4, world_size, dtype=torch.float64, device=images.device)
     stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum, local_sq], dtype=torch.float64)

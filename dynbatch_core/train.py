@@ -26,6 +26,7 @@ from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .config import RunConfig, balancer_options, check_same_computation, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
+from .evaluation import evaluate, recompute_batch_norm
 from .elastic import ResumeState, newest_checkpoint, with_node_slowdowns
 from .distributed import init_process_group, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
@@ -194,8 +195,10 @@ class RankTrainer:
             lr = self.step_lr(progress, target_lr, plan.global_batch, total_samples)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            started = time.perf_counter()
             result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch,
                                      self.slowdown.factor(self.rank, progress.global_step))
+            step_s = time.perf_counter() - started
             self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
             estimate = None if result.noise_points is None else fit_step(result.noise_points, len(self.train_set))
@@ -203,7 +206,7 @@ class RankTrainer:
                 self.noise_estimates.append(estimate)
                 self.noise_smoother.update(estimate)
             if self.schedule.rule is not None:
-                batch = progress.batch = self.rule_step(batch, result, estimate)
+                batch = progress.batch = self.rule_step(batch, result, estimate, step_s)
             self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
@@ -255,11 +258,14 @@ class RankTrainer:
         return warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
             * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
 
-    def rule_step(self, batch: int, result: StepResult, estimate) -> int:
+    def rule_step(self, batch: int, result: StepResult, estimate, step_s: float) -> int:
         """Feed the schedule's step rule this step; when it is due, rank 0 decides the next B and how long it
-        holds, and every rank receives it."""
+        holds, and every rank receives it. step_s: this rank's whole step (compute, reduction, optimizer); what
+        it took beyond the slowest rank's compute is a cost per step no split removes (none under emulation,
+        whose cost is the whole step's)."""
         rule, progress = self.schedule.rule, self.progress
-        rule.observe(result.global_batch, max(result.compute_s), estimate)
+        overhead_s = 0.0 if self.emulated_sample_s is not None else max(0.0, step_s - max(result.compute_s))
+        rule.observe(result.rank_batches, result.compute_s, estimate, overhead_s=overhead_s)
         if progress.global_step < progress.next_decision:
             return batch
         batch, wait = decided_by_rank0(lambda: list(rule.decide(batch)), 2, device=self.device, integers=True)
@@ -269,6 +275,7 @@ class RankTrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_batch: int, slowdown: float) -> StepResult:
         options = dict(global_batch=global_batch, rank=self.rank, slowdown=slowdown,
                        emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s,
+                       emulated_sleep=not self.config.emulated_clock,
                        options=self.step_options)
         if self.gradient_sync == "ddp":
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
@@ -306,6 +313,9 @@ class RankTrainer:
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
         self.balancer.end_epoch()
         my_samples = sum(row["batch_size"] for row in self.my_rows)  # this epoch's rows
+        if config.eval_bn_samples:
+            recompute_batch_norm(self.module, self.train_set, samples=config.eval_bn_samples, rank=self.rank,
+                                 world_size=self.world_size, device=self.device)
         test_loss, test_acc = evaluate(self.module, self.test_set, rank=self.rank, world_size=self.world_size,
                                        device=self.device, buffer_weight=my_samples)
         train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
@@ -416,47 +426,6 @@ def mean_buffers(per_rank: list[dict]) -> dict:
     return {name: sum(buffers[name].double() for buffers in per_rank).div(len(per_rank)).to(tensor.dtype)
             for name, tensor in per_rank[0].items()}
 
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, test_set, *, rank: int, world_size: int, device: torch.device,
-             batch_size: int = 500, buffer_weight: float = 1.0) -> tuple[float, float]:
-    """Mean test loss and accuracy; each rank scores a contiguous shard, the sums are all-reduced.
-
-    Batch-norm running statistics differ between ranks (each saw its own slices): all ranks first evaluate with
-    their weighted mean (average_buffers), weighted by `buffer_weight`, the samples this rank trained on this epoch.
-    """
-    if world_size > 1:
-        average_buffers(model, buffer_weight, device=device)
-    model.eval()
-    start, stop = rank * len(test_set) // world_size, (rank + 1) * len(test_set) // world_size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for first in range(start, stop, batch_size):
-        images, labels = test_set.__getitems__(list(range(first, min(first + batch_size, stop))))
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += (logits.argmax(dim=1) == labels).sum().double()
-        sums[2] += len(labels)
-    dist.all_reduce(sums)
-    model.train()
-    loss_sum, correct, count = sums.tolist()
-    return loss_sum / count, correct / count
-
-
-@torch.no_grad()
-def average_buffers(model: torch.nn.Module, weight: float, *, device: torch.device) -> None:
-    """Collective: replace every floating-point buffer by its mean over ranks weighted by `weight`.
-
-    A rank that held 3 samples a step saw a third of the data of one that held 9, so its running statistics count a
-    third as much. All weights zero: the plain mean. Integer buffers (num_batches_tracked) stay as they are.
-    """
-    total = torch.tensor([float(weight)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    share = weight / total.item() if total.item() > 0 else 1.0 / dist.get_world_size()
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            buffer *= share
-            dist.all_reduce(buffer)
 
 
 def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -30,6 +30,8 @@ BAD_INPUTS = {
     "min batch beyond the rank bound": (["--world-size", "2", "--batch-size", "8", "--max-rank-batch", "4",
                                          "--min-batch", "16"], "cannot hold --batch-size 8 / --min-batch 16"),
     "model window too short": (["--balancer", "model", "--model-window", "2"], "model_window=2 must be >= 3"),
+    "emulated clock without a cost": (["--emulated-clock"], "--emulated-clock needs --emulated-sample-ms"),
+    "negative precise-BN samples": (["--eval-bn-samples", "-1"], "--eval-bn-samples must be >= 0, got -1"),
 }
 
 

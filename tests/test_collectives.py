@@ -13,7 +13,7 @@ from dynbatch_core.checkpoint import save_checkpoint
 from dynbatch_core.distributed import agree_on_round, exit_without_teardown
 from dynbatch_core.elastic import newest_checkpoint
 from dynbatch_core.step import GradientSync, train_step
-from dynbatch_core.train import average_buffers
+from dynbatch_core.evaluation import average_buffers
 
 pytestmark = pytest.mark.slow
 

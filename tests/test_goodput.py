@@ -15,7 +15,7 @@ def simulate(rule, step_s, steps=400, start=32, noise=0.0, seed=0):
             batch, wait = rule.decide(batch)
             due = step + wait
         seconds = step_s(batch) * (1 + rng.uniform(-noise, noise))
-        rule.observe(batch, seconds, NoiseEstimate(gradient_sq=1.0, trace=256.0))   # B_simple = 256
+        rule.observe([batch], [seconds], NoiseEstimate(gradient_sq=1.0, trace=256.0))   # B_simple = 256
         batches.append(batch)
     return batches
 
@@ -48,10 +48,46 @@ def test_under_timing_noise_it_does_not_flap():
     assert set(settled) <= {64, 128, 256} and changes <= 4, changes
 
 
+def test_with_a_slow_rank_it_prices_each_batch_at_the_balanced_split_not_the_split_it_saw():
+    """Rank 1 is 3x slower (fixed cost included). The rule only ever sees the equal split, where rank 1 sets every
+    step's time; it must still price B at the best split of the fitted per-rank lines."""
+    from dynbatch_core.cost_model import AffineCost, min_max_split, predicted_step_s
+    lines = [AffineCost(0.020, 0.0005), AffineCost(0.060, 0.0015)]
+    rule = GoodputRule(initial_batch=32, min_batch=16, max_batch=512, decide_every=20)
+    batch, due = 32, 0
+    for step in range(300):
+        if step == due:
+            batch, wait = rule.decide(batch)
+            due = step + wait
+        split = [batch // 2, batch - batch // 2]
+        rule.observe(split, [line.time_s(b) for line, b in zip(lines, split)],
+                     NoiseEstimate(gradient_sq=1.0, trace=256.0))
+    balanced = predicted_step_s(min_max_split(256, lines), lines)
+    assert rule.step_time_s(256) == pytest.approx(balanced, rel=1e-6)
+    assert balanced < 0.75 * max(line.time_s(128) for line in lines)   # the equal split's time is far off
+
+    def goodput(b):
+        return (256 + 32) / (256 + b) * b / predicted_step_s(min_max_split(b, lines), lines)
+    assert batch == max((16, 32, 64, 128, 256, 512), key=goodput)
+
+
+def test_a_cost_per_step_beyond_compute_counts_like_a_fixed_cost():
+    """Compute costs the same per sample at any B (alone: B halves to 16, see above), but each step also spends
+    100 ms in the reduction and the optimizer: B must grow instead."""
+    rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    batch, due = 32, 0
+    for step in range(300):
+        if step == due:
+            batch, wait = rule.decide(batch)
+            due = step + wait
+        rule.observe([batch], [0.001 * batch], NoiseEstimate(gradient_sq=1.0, trace=256.0), overhead_s=0.1)
+    assert batch >= 128 and rule.step_time_s(64) == pytest.approx(0.1 + 0.064)
+
+
 def test_no_decision_before_the_noise_scale_is_known():
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     assert rule.decide(32) == (32, 20)
-    rule.observe(32, 0.1, NoiseEstimate(gradient_sq=-1.0, trace=5.0))   # |G|^2 <= 0: still unknown
+    rule.observe([32], [0.1], NoiseEstimate(gradient_sq=-1.0, trace=5.0))   # |G|^2 <= 0: still unknown
     assert rule.decide(32) == (32, 20)
 
 
