@@ -54,7 +54,8 @@ def _theme():
 
 
 def _palette(labels: Sequence[str]) -> dict:
-    return dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    """One colour per label: the colour-blind palette while it has enough (10), else tab20, so none repeats."""
+    return dict(zip(labels, sns.color_palette("colorblind" if len(labels) <= 10 else "tab20", len(labels))))
 
 
 def _runs(table: pd.DataFrame) -> list[str]:
@@ -77,10 +78,13 @@ def tag_runs(tables: Mapping[str, pd.DataFrame], **columns: Mapping[str, object]
 
 
 def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs training time",
-                     show_batch: bool = False) -> plt.Figure:
+                     show_batch: bool = False, time_column: str = "wall_s", time_label: str = TIME_LABEL,
+                     target: float | None = None) -> plt.Figure:
     """Test accuracy at the end of each epoch against cumulative training seconds, one curve per run.
 
     show_batch: add a panel with each run's global batch over time (and, for a single run, label each point).
+    time_column/time_label: another clock (e.g. critical_batch.with_emulated_time's emulated_s).
+    target: draw this accuracy as a dashed line (the level a time-to-target was measured against).
     """
     runs = _runs(epochs)
     colours = _palette(runs)
@@ -92,17 +96,19 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
             fig, ax = plt.subplots(figsize=(8, 4.8))
         for run in runs:
             part = epochs[epochs["run"] == run]
-            ax.plot(part["wall_s"], part["test_acc"], marker="o", color=colours[run], label=run)
+            ax.plot(part[time_column], part["test_acc"], marker="o", color=colours[run], label=run)
             if show_batch and len(runs) == 1:  # with several runs the labels collide; the panel below shows B
-                for x, y, batch in zip(part["wall_s"], part["test_acc"], part["global_batch"]):
+                for x, y, batch in zip(part[time_column], part["test_acc"], part["global_batch"]):
                     ax.annotate(f"B={batch}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
                                 fontsize="x-small", color=colours[run],
                                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
                                       "alpha": 0.8})
             if show_batch:  # the batch holds from the start of its epoch (previous wall_s) to its end
-                starts = [0.0] + list(part["wall_s"])
+                starts = [0.0] + list(part[time_column])
                 ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],
                               where="post", color=colours[run], label=run)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_ylabel(ACCURACY_LABEL)
         ax.set_title(title)
         ax.legend(title="run", loc="lower right")
@@ -110,10 +116,10 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
             ax_batch.set_yscale("log", base=2)
             ax_batch.yaxis.set_major_formatter(ticker.ScalarFormatter())
             ax_batch.set_ylabel(BATCH_LABEL, fontsize="small")
-            ax_batch.set_xlabel(TIME_LABEL)
+            ax_batch.set_xlabel(time_label)
             _pad_log_axis(ax_batch, epochs["global_batch"])
         else:
-            ax.set_xlabel(TIME_LABEL)
+            ax.set_xlabel(time_label)
         ax.set_xlim(left=0)
         fig.tight_layout()
     return fig
@@ -297,8 +303,9 @@ def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balanc
     return fig
 
 
-def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool) -> pd.DataFrame:
-    """Per run: the training seconds (and samples) at which `column` first reaches `target`.
+def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool,
+                  time_column: str = "wall_s") -> pd.DataFrame:
+    """Per run: the training seconds (`time_column`) and samples at which `column` first reaches `target`.
 
     Linear interpolation between epoch ends; reached during the first epoch counts at that epoch's end. Columns:
     run, time_s, samples (NaN where never reached).
@@ -307,7 +314,7 @@ def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_
     for run in _runs(epochs):
         part = epochs[epochs["run"] == run]
         values = part[column].to_numpy(float)
-        times = part["wall_s"].to_numpy(float)
+        times = part[time_column].to_numpy(float)
         samples = part["samples"].cumsum().to_numpy(float)
         reached = values <= target if lower_is_better else values >= target
         time_s = seen = math.nan

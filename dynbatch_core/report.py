@@ -31,7 +31,7 @@ import pandas as pd
 from .config import RunConfig
 from .metrics import RunResult, write_atomic, write_json
 
-NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous")
+NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive")
 PARAMETER_SETS = ("report", "full", "defaults")
 CLASS_STUDY = ("the class study (full datasets, ResNet-18/101 on GPUs) saw an accuracy dip on 1 GPU when the probe "
                "schedule dropped the batch back to 16, and on 4 GPUs found the decreasing and loss-based schedules "

@@ -33,6 +33,10 @@ SMOKE_PARAMETERS = {
     "heterogeneous": {"world_size": 2, "slowdown": [1, 3], "train_samples": 768, "test_samples": 200, "epochs": 2,
                       "batch_size": 64, "balancers": ["equal", "dbs", "pid"], "sweep_slowest": [],
                       "emulated_sample_ms": 2.0},
+    # the emulated clock makes goodput's decisions deterministic; target 0.3 is reached by every run here
+    "adaptive": {"world_size": 2, "train_samples": 512, "test_samples": 250, "epochs": 3, "eval_bn_samples": 256,
+                 "static_batches": [16, 128], "class_schedules": {"increasing": 16}, "goodput_batch": 32,
+                 "decide_every": 5, "target_accuracy": 0.3, "slowdown": []},
 }
 
 
@@ -227,6 +231,27 @@ def test_heterogeneous_balancers_give_the_fast_rank_more_and_speed_up_over_equal
     speedup = {row["balancer"]: row["speedup"] for row in summary["speedup"]}
     assert speedup["dbs"] > 1.5  # ceiling 2.0: equal waits 32 x 3 x 2 = 192 ms a step, a balanced 48/16 split 96 ms
     assert all(run["final_test_acc"] > 0.2 for run in summary["runs"].values())
+
+
+@pytest.mark.slow
+def test_adaptive_goodput_moves_its_batch_and_the_race_and_critical_batch_come_from_the_runs(smoke_out):
+    summary = _execute("adaptive", smoke_out)
+    runs = summary["runs"]
+    assert runs["static 16 seed 0"]["global_batch_per_epoch"] == [16] * 3
+    assert runs["increasing seed 0"]["global_batch_per_epoch"] == [16, 32, 64]
+    steps = pd.read_csv(smoke_out / "figures" / "adaptive__batch_over_time.csv").query("run == 'goodput'")
+    assert steps.global_batch.iloc[0] == 32 and steps.global_batch.nunique() > 1   # goodput moved B
+    race = pd.DataFrame(summary["race"]).set_index("run")
+    assert race.samples.notna().all()   # every run reached the target (0.3; chance is 0.1)
+    # emulated seconds to the target = steps x (16 ms + B/2 x 0.25 ms) for a static run
+    b = 128
+    static = race.loc[f"static {b}"]
+    assert static.emulated_s == pytest.approx(static.samples / b * (0.016 + b / 2 * 0.00025), rel=1e-6)
+    verdict = summary["verdicts"]["emulated"]
+    assert verdict["best_static"] in ("static 16", "static 128") and verdict["ratio_to_best_static"] > 0
+    assert set(summary["verdicts"]) == {"emulated", "measured"}   # no slow-rank case with slowdown []
+    assert summary["noise_scale_at_target"] > 0
+    assert all(run["final_test_acc"] > 0.2 for run in runs.values())
 
 
 @pytest.mark.slow

@@ -1,0 +1,193 @@
+"""The adaptive-batch notebook's numbers and sentences: time to the target per run and seed on two clocks, the
+pass/fail comparison of goodput against the static sweep and the class study's schedules, the critical batch.
+
+    race = race_table(results, kinds, target=0.9)        # results: {(label, seed): RunResult}
+    verdict = goodput_verdict(race, clock="emulated_s")  # dict: passed, ratios, and the numbers behind them
+    describe_race(race, verdict, clock="emulated_s", regime="emulated GPU-like")  # -> sentences
+
+kinds: label -> "static", "class", "goodput" (the run the verdict is about) or "variant" (reported beside it). A run that never reached the target counts as infinitely slow
+(so it can lose a comparison, never win one) and is named as such.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .critical_batch import CriticalBatchFit, with_emulated_time
+from .metrics import RunResult
+from .plots import time_to_reach
+
+GOODPUT_TOLERANCE = 1.1   # goodput may take this many times the best static batch's time
+CLOCKS = {"emulated_s": "emulated GPU-like time", "wall_s": "measured CPU time"}
+
+
+def tagged_epochs(results: Mapping, label_of=lambda key: key) -> pd.DataFrame:
+    """One epochs table of the given runs with run and emulated_s columns (emulated_s: see critical_batch)."""
+    parts = []
+    for key, result in results.items():
+        part = with_emulated_time(result.epochs, result.steps)
+        part.insert(0, "run", label_of(key))
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def race_table(results: Mapping[tuple[str, int], RunResult], kinds: Mapping[str, str], *, target: float
+               ) -> pd.DataFrame:
+    """Per (run, seed): the initial batch, the samples, emulated seconds and CPU seconds to the target accuracy."""
+    rows = []
+    for (label, seed), result in results.items():
+        epochs = with_emulated_time(result.epochs, result.steps).assign(run=label)
+        reach = {clock: time_to_reach(epochs, "test_acc", target, lower_is_better=False, time_column=clock).iloc[0]
+                 for clock in CLOCKS}
+        rows.append({"run": label, "kind": kinds[label], "seed": seed,
+                     "batch": int(result.config.get("batch_size", 0)),
+                     "samples": reach["emulated_s"]["samples"],
+                     **{clock: reach[clock]["time_s"] for clock in CLOCKS},
+                     "final_test_acc": float(result.epochs["test_acc"].iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def _median_times(race: pd.DataFrame, clock: str) -> pd.Series:
+    """Per run: the median over seeds of its time to the target (a seed that never reached it: inf)."""
+    return race.assign(t=race[clock].fillna(math.inf)).groupby("run", sort=False)["t"].median()
+
+
+def goodput_verdict(race: pd.DataFrame, *, clock: str = "emulated_s", tolerance: float = GOODPUT_TOLERANCE) -> dict:
+    """The issue's pass/fail line on one clock: goodput's median time to the target (over seeds) is at most
+    `tolerance` x the best static batch's, below the median static batch's and below every class schedule's."""
+    times = _median_times(race, clock)
+    kind = race.groupby("run", sort=False)["kind"].first()
+    static = times[kind == "static"]
+    goodput = float(times[kind == "goodput"].iloc[0])
+    best = static.idxmin()
+    median_static = float(np.median(static.to_numpy()))
+    classes = times[kind == "class"]
+    checks = {"within_tolerance_of_best_static": goodput <= tolerance * float(static[best]),
+              "faster_than_median_static": goodput < median_static,
+              "faster_than_every_class_schedule": bool((goodput < classes).all())}
+    return {"clock": clock, "seeds": sorted(int(s) for s in race["seed"].unique()), "goodput_s": goodput,
+            "best_static": best, "best_static_s": float(static[best]), "median_static_s": median_static,
+            "ratio_to_best_static": goodput / float(static[best]),
+            "class_s": {name: float(t) for name, t in classes.items()},
+            **checks, "passed": all(checks.values())}
+
+
+def _time(value: float) -> str:
+    return "never" if not math.isfinite(value) else (f"{value:.2f} s" if value < 10 else f"{value:.1f} s")
+
+
+def describe_race(race: pd.DataFrame, verdict: Mapping, *, target: float, regime: str) -> list[str]:
+    """Sentences: the medians on one clock and the verdict, with every number it rests on."""
+    seeds = verdict["seeds"]
+    per_seed = race[race["kind"] == "goodput"].sort_values("seed")[verdict["clock"]]
+    classes = "; the class study's schedules: " + ", ".join(f"{name} {_time(t)}" for name, t in
+                                                             verdict["class_s"].items()) if verdict["class_s"] else ""
+    outcome = "passes" if verdict["passed"] else "does not pass"
+    failed = [name.replace("_", " ") for name in ("within_tolerance_of_best_static", "faster_than_median_static",
+                                                  "faster_than_every_class_schedule") if not verdict[name]]
+    variants = _median_times(race, verdict["clock"])[race.groupby("run", sort=False)["kind"].first() == "variant"]
+    others = "".join(f" {name}: {_time(t)} ({t / verdict['best_static_s']:.2f}x the best static batch)."
+                     for name, t in variants.items())
+    return [f"{regime[0].upper()}{regime[1:]}, median over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) of the time "
+            f"to {target:g} test accuracy: goodput {_time(verdict['goodput_s'])} (per seed: "
+            f"{', '.join(_time(t) for t in per_seed.fillna(math.inf))}); the best static batch ({verdict['best_static']}) "
+            f"{_time(verdict['best_static_s'])}, so goodput took {verdict['ratio_to_best_static']:.2f}x its time; "
+            f"the median static batch {_time(verdict['median_static_s'])}{classes}.",
+            f"Goodput {outcome} the check (≤ {GOODPUT_TOLERANCE:g}x the best static batch, faster than the median "
+            f"static batch and than every class-study schedule)" + (f"; it failed: {', '.join(failed)}." if failed
+                                                                    else ".") + others]
+
+
+def per_sample_cost(race_results: Mapping[tuple[str, int], RunResult], kinds: Mapping[str, str],
+                    seed: int) -> pd.DataFrame:
+    """Per static batch (one seed): measured CPU milliseconds per sample (training time / samples) and the
+    emulated ones, each also relative to the smallest batch."""
+    rows = []
+    for (label, run_seed), result in race_results.items():
+        if kinds[label] != "static" or run_seed != seed:
+            continue
+        epochs = with_emulated_time(result.epochs, result.steps)
+        samples = float(epochs["samples"].sum())
+        rows.append({"batch": int(result.config["batch_size"]),
+                     "cpu_ms_per_sample": 1000 * float(epochs["wall_s"].iloc[-1]) / samples,
+                     "emulated_ms_per_sample": 1000 * float(epochs["emulated_s"].iloc[-1]) / samples})
+    table = pd.DataFrame(rows).sort_values("batch").reset_index(drop=True)
+    for column in ("cpu_ms_per_sample", "emulated_ms_per_sample"):
+        table[column.replace("_ms_per_sample", "_cheaper_than_smallest")] = table[column].iloc[0] / table[column]
+    return table
+
+
+def describe_costs(costs: pd.DataFrame) -> str:
+    largest = costs.iloc[-1]
+    return (f"Why the regimes differ: per sample, B={int(largest['batch'])} is "
+            f"{largest['cpu_cheaper_than_smallest']:.1f}x cheaper than B={int(costs['batch'].iloc[0])} on this CPU "
+            f"(measured), against {largest['emulated_cheaper_than_smallest']:.1f}x on the emulated GPU-like cost, "
+            "where a step's fixed cost dominates small batches. A larger batch pays only as far as it is cheaper per "
+            "sample, so on this CPU little is gained by growing B.")
+
+
+def describe_critical_batch(fit: CriticalBatchFit, noise_scale: float, *, target: float,
+                            batches: Sequence[int]) -> list[str]:
+    """The measured critical batch against the estimated noise scale, or why the sweep could not measure it."""
+    if not math.isfinite(fit.critical_batch):
+        return [f"The sweep could not measure a critical batch at {target:g} test accuracy: "
+                f"{len(fit.batches)} of {len(batches)} static batches reached it "
+                f"({', '.join(map(str, fit.batches)) or 'none'}), and a critical batch needs two or more whose steps "
+                "still fall with B (a positive S_min)."]
+    ratio = noise_scale / fit.critical_batch if math.isfinite(noise_scale) else math.nan
+    return [f"From the static sweep ({', '.join(map(str, fit.batches))}), McCandlish's S = S_min (1 + B_crit/B) "
+            f"gives a critical batch B_crit = {fit.critical_batch:.0f} samples at {target:g} test accuracy "
+            f"(S_min = {fit.min_steps:.0f} steps, E_min = {fit.min_samples:.0f} samples). The noise scale the "
+            f"estimator measured when the static runs reached the target, B_simple = {noise_scale:.0f}, is "
+            f"{ratio:.2f}x that" + (": the proxy is within a factor of 2 of the direct measurement."
+                                     if 0.5 <= ratio <= 2 else
+                                     ": the proxy is off by more than a factor of 2 here (AI2's 2025 finding on "
+                                     "language models was of this kind).")]
+
+
+def batch_changes(steps: pd.DataFrame) -> list[tuple[int, int]]:
+    """(step, global batch) at the first step and at every step where the global batch changed."""
+    per_step = steps.groupby("step", sort=True)["global_batch"].first()
+    changed = per_step[per_step.ne(per_step.shift())]
+    return [(int(step), int(batch)) for step, batch in changed.items()]
+
+
+def describe_choices(chosen: Mapping[str, RunResult], noise_scale: float, shown: int = 8) -> list[str]:
+    """Per run: the batches it moved through (at which step), and where most of its samples were trained."""
+    sentences = []
+    for label, result in chosen.items():
+        changes = batch_changes(result.steps)
+        path = " → ".join(f"{b} (step {s})" for s, b in changes[:shown]) + (" → …" if len(changes) > shown else "")
+        per_step = result.steps.groupby("step")["global_batch"].first()
+        main = int(per_step.groupby(per_step).sum().idxmax())
+        sentences.append(f"{label}: B {path}; most samples at B={main}.")
+    if math.isfinite(noise_scale):
+        sentences.append(f"For scale: the noise scale at the target was ~{noise_scale:.0f} samples. Goodput's short "
+                         "visits to a neighbouring B are its exploration: a B it has not seen is tried for a few steps "
+                         "and priced from measured step times, never extrapolated.")
+    return sentences
+
+
+def describe_noise(epochs: pd.DataFrame) -> list[str]:
+    """How B_simple moved over each run, and how many steps gave no estimate (|G|² <= 0, counted, not clamped)."""
+    sentences = []
+    for run, part in epochs.groupby("run", sort=False):
+        values = part["noise_scale"].dropna()
+        if values.empty:
+            continue
+        missing, steps = int(part["noise_missing"].sum()), int(part["steps"].sum())
+        sentences.append(f"{run}: {values.iloc[0]:.0f} → {values.iloc[-1]:.0f} (missing in {missing} of {steps} "
+                         "steps)")
+    if not sentences:
+        return []
+    firsts = epochs.groupby("run", sort=False)["noise_scale"].apply(lambda v: v.dropna().iloc[:2].mean())
+    lasts = epochs.groupby("run", sort=False)["noise_scale"].apply(lambda v: v.dropna().iloc[-2:].mean())
+    grew = int((lasts > firsts).sum())
+    trend = (f"Over the last two epochs it was above the first two's in {grew} of {len(firsts.dropna())} runs"
+             + (": it grows as training proceeds, as McCandlish et al. predict (later in training a larger batch "
+                "stays efficient)." if grew > len(firsts.dropna()) / 2 else
+                ": these runs are too short, or too noisy, to show the growth McCandlish et al. predict."))
+    return ["B_simple per epoch, first → last: " + "; ".join(sentences) + ".", trend]

@@ -1,0 +1,92 @@
+"""The adaptive notebook's analysis on known numbers: the critical batch fit, the emulated clock, the verdict, and
+precise batch-norm statistics (what makes a large batch's test accuracy comparable)."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from dynbatch_core.adaptive_findings import batch_changes, goodput_verdict
+from dynbatch_core.critical_batch import emulated_clock, fit_critical_batch, noise_scale_at, with_emulated_time
+from dynbatch_core.evaluation import recompute_batch_norm
+
+
+def test_the_fit_recovers_a_known_critical_batch_from_mccandlish_steps():
+    batches = [16, 32, 64, 128, 256, 512]
+    samples = [b * 100 * (1 + 200 / b) for b in batches]   # S_min = 100 steps, B_crit = 200
+    fit = fit_critical_batch(batches, samples)
+    assert fit.critical_batch == pytest.approx(200, rel=1e-9) and fit.min_steps == pytest.approx(100, rel=1e-9)
+    assert fit.min_samples == pytest.approx(20000, rel=1e-9) and fit.steps_at(50) == pytest.approx(500)
+
+
+def test_batches_that_never_reached_the_target_are_left_out_and_too_few_give_nan():
+    fit = fit_critical_batch([16, 64, 512], [16 * 60 * (1 + 40 / 16), 64 * 60 * (1 + 40 / 64), math.nan])
+    assert fit.batches == (16, 64) and fit.critical_batch == pytest.approx(40)
+    assert math.isnan(fit_critical_batch([16, 512], [1000.0, math.nan]).critical_batch)
+
+
+def test_steps_that_keep_halving_with_b_give_no_critical_batch_rather_than_a_clamped_one():
+    # E the same at every B: S = E / B falls without bound, so S_min = 0 and B_crit is undefined
+    assert math.isnan(fit_critical_batch([16, 64, 256], [8000.0, 8000.0, 8000.0]).critical_batch)
+
+
+def _steps(rows):
+    return pd.DataFrame(rows, columns=["epoch", "step", "rank", "global_batch", "compute_s"])
+
+
+def test_the_emulated_clock_adds_the_slowest_rank_of_every_step():
+    steps = _steps([(0, 0, 0, 16, 0.02), (0, 0, 1, 16, 0.05), (0, 1, 0, 32, 0.04), (0, 1, 1, 32, 0.03),
+                    (1, 2, 0, 32, 0.01), (1, 2, 1, 32, 0.02)])
+    clock = emulated_clock(steps)
+    assert clock["emulated_s"].tolist() == pytest.approx([0.05, 0.09, 0.11])
+    assert clock["global_batch"].tolist() == [16, 32, 32]
+    epochs = pd.DataFrame({"epoch": [0, 1], "samples": [48, 32], "noise_scale": [10.0, 30.0]})
+    assert with_emulated_time(epochs, steps)["emulated_s"].tolist() == pytest.approx([0.09, 0.11])
+    assert noise_scale_at(epochs, 60) == 30.0 and noise_scale_at(epochs, 40) == 10.0
+    assert batch_changes(steps) == [(0, 16), (1, 32)]
+
+
+def _race(goodput, statics, classes):
+    rows = [{"run": "goodput", "kind": "goodput", "seed": s, "emulated_s": t} for s, t in enumerate(goodput)]
+    for name, times in {**statics, **classes}.items():
+        kind = "static" if name in statics else "class"
+        rows += [{"run": name, "kind": kind, "seed": s, "emulated_s": t} for s, t in enumerate(times)]
+    return pd.DataFrame(rows)
+
+
+def test_the_verdict_compares_medians_over_seeds_against_the_best_and_median_static_and_each_class_schedule():
+    statics = {"static 16": [9, 10, 11], "static 64": [5, 4, 6], "static 256": [7, 8, math.nan]}
+    verdict = goodput_verdict(_race([5.3, 5.4, 9], statics, {"increasing": [6, 6, 6]}))
+    assert verdict["best_static"] == "static 64" and verdict["ratio_to_best_static"] == pytest.approx(5.4 / 5)
+    assert verdict["median_static_s"] == 8 and verdict["passed"]
+    slower = goodput_verdict(_race([5.3, 5.6, 9], statics, {"increasing": [6, 6, 6]}))
+    assert not slower["within_tolerance_of_best_static"] and not slower["passed"]
+    beaten = goodput_verdict(_race([5.3, 5.4, 9], statics, {"increasing": [5, 5, 5]}))
+    assert not beaten["faster_than_every_class_schedule"] and not beaten["passed"]
+    never = goodput_verdict(_race([math.nan] * 3, statics, {}))
+    assert never["goodput_s"] == math.inf and not never["passed"]
+
+
+class _Images:
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, indices):
+        return self.images[indices], torch.zeros(len(indices), dtype=torch.long)
+
+
+def test_precise_batch_norm_sets_the_running_mean_to_the_mean_over_the_samples_and_leaves_the_rng_alone():
+    torch.manual_seed(0)
+    images = torch.randn(300, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([5.0, -1.0, 0.5])
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    model(torch.randn(8, 3))   # stale statistics from elsewhere
+    state = torch.random.get_rng_state()
+    recompute_batch_norm(model, _Images(images), samples=250, rank=0, world_size=1, device=torch.device("cpu"),
+                         batch_size=64)   # 64, 64, 64, 58: unequal batches, each weighted by its size
+    norm = model[0]
+    assert torch.allclose(norm.running_mean, images[:250].mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_var, images[:250].var(0), rtol=0.05)
+    assert norm.momentum == 0.1 and torch.equal(torch.random.get_rng_state(), state)
