@@ -108,7 +108,7 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
                 ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],
                               where="post", color=colours[run], label=run)
         if target is not None:
-            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+            ax.axhline(target, color="0.4", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_ylabel(ACCURACY_LABEL)
         ax.set_title(title)
         ax.legend(title="run", loc="lower right")

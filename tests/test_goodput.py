@@ -7,17 +7,26 @@ from dynbatch_core.goodput import EXPLORE_STEPS, GoodputRule
 from dynbatch_core.noise_scale import NoiseEstimate
 
 
-def simulate(rule, step_s, steps=400, start=32, noise=0.0, seed=0):
-    """Drive the rule as the training loop does; returns the B of every step."""
-    rng, batch, due, batches = random.Random(seed), start, 0, []
+NOISE = NoiseEstimate(gradient_sq=1.0, trace=256.0)   # B_simple = 256
+
+
+def drive(rule, observe, steps=400, start=32):
+    """Ask the rule when due and call observe(batch) every step, as the training loop does; the B of every step."""
+    batch, due, batches = start, 0, []
     for step in range(steps):
         if step == due:
             batch, wait = rule.decide(batch)
             due = step + wait
-        seconds = step_s(batch) * (1 + rng.uniform(-noise, noise))
-        rule.observe([batch], [seconds], NoiseEstimate(gradient_sq=1.0, trace=256.0))   # B_simple = 256
+        observe(batch)
         batches.append(batch)
     return batches
+
+
+def simulate(rule, step_s, steps=400, start=32, noise=0.0, seed=0):
+    """One rank whose step takes step_s(B), times (1 ± noise)."""
+    rng = random.Random(seed)
+    return drive(rule, lambda b: rule.observe([b], [step_s(b) * (1 + rng.uniform(-noise, noise))], NOISE), steps,
+                 start)
 
 
 def gpu_like(batch):   # a fixed 100 ms per step dominates small batches
@@ -54,14 +63,11 @@ def test_with_a_slow_rank_it_prices_each_batch_at_the_balanced_split_not_the_spl
     from dynbatch_core.cost_model import AffineCost, min_max_split, predicted_step_s
     lines = [AffineCost(0.020, 0.0005), AffineCost(0.060, 0.0015)]
     rule = GoodputRule(initial_batch=32, min_batch=16, max_batch=512, decide_every=20)
-    batch, due = 32, 0
-    for step in range(300):
-        if step == due:
-            batch, wait = rule.decide(batch)
-            due = step + wait
+
+    def equal_split(batch):
         split = [batch // 2, batch - batch // 2]
-        rule.observe(split, [line.time_s(b) for line, b in zip(lines, split)],
-                     NoiseEstimate(gradient_sq=1.0, trace=256.0))
+        rule.observe(split, [line.time_s(b) for line, b in zip(lines, split)], NOISE)
+    batch = drive(rule, equal_split, steps=300)[-1]
     balanced = predicted_step_s(min_max_split(256, lines), lines)
     assert rule.step_time_s(256) == pytest.approx(balanced, rel=1e-6)
     assert balanced < 0.75 * max(line.time_s(128) for line in lines)   # the equal split's time is far off
@@ -75,12 +81,7 @@ def test_a_cost_per_step_beyond_compute_counts_like_a_fixed_cost():
     """Compute costs the same per sample at any B (alone: B halves to 16, see above), but each step also spends
     100 ms in the reduction and the optimizer: B must grow instead."""
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
-    batch, due = 32, 0
-    for step in range(300):
-        if step == due:
-            batch, wait = rule.decide(batch)
-            due = step + wait
-        rule.observe([batch], [0.001 * batch], NoiseEstimate(gradient_sq=1.0, trace=256.0), overhead_s=0.1)
+    batch = drive(rule, lambda b: rule.observe([b], [0.001 * b], NOISE, overhead_s=0.1), steps=300)[-1]
     assert batch >= 128 and rule.step_time_s(64) == pytest.approx(0.1 + 0.064)
 
 
