@@ -43,13 +43,16 @@ def prepare_run_dir(out: str | None, *, overwrite: bool, label: str) -> Path:
 
 
 def git_commit() -> str | None:
-    """The commit of the dynbatch_core checkout (with '-dirty' if it has changes), or None outside git."""
+    """The commit of the dynbatch_core checkout (with '-dirty' if it has changes), or None outside git.
+
+    Changes under outputs/ do not count: they are what `report` writes while it runs, not what produced them."""
     import subprocess
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)outputs"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
