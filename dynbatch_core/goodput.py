@@ -20,7 +20,11 @@ from the measured gradient noise scale (noise_scale.py) and the run's own step t
   candidates   B / FACTOR, B, B x FACTOR (FACTOR = 2), within [min_batch, max_batch].
   explore      a candidate outside the range of batch sizes seen so far would be priced by extrapolation, which an
                affine fit around one B cannot do (on a CPU a 2x larger B is far from 2x cheaper per sample): it is
-               tried instead, for EXPLORE_STEPS steps, once; then the fit covers it.
+               tried instead, for EXPLORE_STEPS steps, once; then the fit covers it. Only a candidate that could
+               win is tried: its most optimistic price (a larger B takes no less time than the current one, a
+               smaller B no less per sample) must beat the best measured candidate by the threshold, and of
+               several such the most promising goes first. So a halving that the efficiency gain alone cannot
+               pay for is never visited.
   move         to the best candidate only when its predicted goodput beats the current B's by more than
                `threshold` (default 5 %): no flapping between two batch sizes that are as good.
 Decisions are made by rank 0 and broadcast (agreement.decided_by_rank0) like every other.
@@ -94,7 +98,10 @@ class GoodputRule:
         if lines is not None and batch >= len(lines):
             return predicted_step_s(min_max_split(batch, lines), lines) + overhead_s
         line = fit_affine([(b, seconds) for b, times in self.times.items() for seconds in times])
-        return None if line is None else line.time_s(batch) + overhead_s
+        if line is not None:
+            return line.time_s(batch) + overhead_s
+        measured = self.times.get(batch)   # one size seen so far: its own times
+        return statistics.median(measured) + overhead_s if measured else None
 
     def goodput(self, batch: int, lines: list[AffineCost] | None = None) -> float:
         """Samples of progress per second at `batch` (relative to B_0's efficiency)."""
@@ -111,17 +118,28 @@ class GoodputRule:
             current, self.exploring = self.exploring, None
         if not self.noise_scale > 0:   # not measured yet (NaN), or noise made it meaningless
             return current, self.decide_every
-        unseen = [b for b in self.candidates(current) if b not in self.explored]
-        if unseen:   # price it by measuring, not by extrapolating
-            self.exploring = current
-            return unseen[0], EXPLORE_STEPS
         lines = self.rank_lines()
         if self.step_time_s(current, lines) is None:
             return current, self.decide_every
-        best = max(self.candidates(current), key=lambda b: self.goodput(b, lines))
+        priced = [b for b in self.candidates(current) if b in self.explored] or [current]
+        best = max(priced, key=lambda b: self.goodput(b, lines))
+        unseen = [b for b in self.candidates(current) if b not in self.explored]
+        if unseen:   # price it by measuring, not by extrapolating, if it could win at all
+            bound = {b: self.optimistic_goodput(b, current, lines) for b in unseen}
+            hopeful = max(unseen, key=bound.get)
+            if bound[hopeful] > (1 + self.threshold) * self.goodput(best, lines):
+                self.exploring = current
+                return hopeful, EXPLORE_STEPS
         if self.goodput(best, lines) > (1 + self.threshold) * self.goodput(current, lines):
             return best, self.decide_every
         return current, self.decide_every
+
+    def optimistic_goodput(self, batch: int, current: int, lines: list[AffineCost] | None = None) -> float:
+        """An upper bound on the goodput of an unmeasured `batch` from the current B's step time: a larger B takes
+        at least as long per step, a smaller one at least as long per sample."""
+        current_s = self.step_time_s(current, lines)
+        step_s = current_s if batch >= current else current_s * batch / current
+        return self.efficiency(batch) * batch / step_s
 
     def state_dict(self) -> dict:
         return {"smoother": self.smoother.state_dict(), "times": _listed(self.times),
