@@ -58,7 +58,7 @@ def settle_and_swing(steps: pd.DataFrame, start: int, end: int) -> tuple[float, 
     """(steps after `start` until every batch stays within 1 sample of the segment's final split, the largest swing
     of one rank's batch after that in samples, the final split)."""
     part = steps[(steps["step"] >= start) & (steps["step"] < end)]
-    batches = part.pivot(index="step", columns="rank", values="batch_size").sort_index()
+    batches = part.pivot(index="step", columns="rank", values="rank_batch").sort_index()
     batches = batches[batches.sum(axis=1) == BATCH]  # the short last step of an epoch is not a decision
     final = batches.iloc[-5:].median().round()
     off = (batches - final).abs().max(axis=1) > 1

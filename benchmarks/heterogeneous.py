@@ -121,7 +121,7 @@ def analyse(scenario: Scenario, balancer: str, result, plan: SlowdownPlan) -> tu
     efficiency = bm.balance_efficiency(steps).set_index("step")["efficiency"]
     settle, settle_ideal, settled, swings = [], [], [], []
     for start, end, _ in pieces:
-        final = steps[steps["step"] >= end - FINAL_STEPS].query("step < @end").groupby("rank")["batch_size"]
+        final = steps[steps["step"] >= end - FINAL_STEPS].query("step < @end").groupby("rank")["rank_batch"]
         own = bm.settle_step(steps, start, final.median().tolist(), TOLERANCE, end)
         to_ideal = bm.settle_step(steps, start, ideal[start], TOLERANCE, end)
         settle.append(math.nan if own is None else own - start)
@@ -130,7 +130,7 @@ def analyse(scenario: Scenario, balancer: str, result, plan: SlowdownPlan) -> tu
         first = min(own if own is not None else end, start + (end - start) // 2)
         settled.append(efficiency.loc[first:end - 1])
         swings.append(bm.oscillation(steps, first, end))
-    final_split = steps[steps["step"] > last - FINAL_STEPS].groupby("rank")["batch_size"].median().to_numpy()
+    final_split = steps[steps["step"] > last - FINAL_STEPS].groupby("rank")["rank_batch"].median().to_numpy()
     final_ideal = np.asarray(ideal[pieces[-1][0]])
     epochs = result.epochs.assign(first_step=result.epochs["steps"].cumsum() - result.epochs["steps"])
     steady_epochs = epochs[epochs["first_step"] >= steady_from]
@@ -205,7 +205,7 @@ def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, sett
                         drawstyle="steps-post")
                 for balancer, style in (("pid", "-"), ("dbs", "--"), ("model", "-.")):
                     line = mine[mine["balancer"] == balancer]
-                    ax.plot(line["step"], line["batch_size"], color=colours[rank], linestyle=style, linewidth=1.6,
+                    ax.plot(line["step"], line["rank_batch"], color=colours[rank], linestyle=style, linewidth=1.6,
                             drawstyle="steps-post")
                 ks = [k for k, _ in itertools.groupby(ideal["slowdown"])]
                 handles.append(Line2D([], [], color=colours[rank], label=f"rank {rank}, k = "
@@ -338,7 +338,7 @@ def main() -> None:
     steps = pd.concat(tables, ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out_dir / "heterogeneous_summary.csv", index=False)
-    steps[["scenario", "balancer", "epoch", "step", "rank", "slowdown", "batch_size", "ideal_batch", "global_batch",
+    steps[["scenario", "balancer", "epoch", "step", "rank", "slowdown", "rank_batch", "ideal_batch", "global_batch",
            "compute_s", "wait_s", "loss"]].to_csv(out_dir / "heterogeneous_steps.csv", index=False)
     setting = f"MNIST, {args.model}, B={args.batch_size}, {os.cpu_count()} CPU cores"
     plot_figures(summary, steps, out_dir, setting)

@@ -19,11 +19,11 @@ from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .step import GradientSync, train_step, uneven_batch_loss
 from .ddp_step import exchange_measurements, wrap_ddp
 from .loader import planned_loader, prefetch_depth
-from .launch import RunFailed, run
+from .launch import RunFailed, RunInterrupted, run
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
            "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
            "GradientSync", "train_step", "uneven_batch_loss", "wrap_ddp", "exchange_measurements", "planned_loader",
-           "prefetch_depth", "run", "RunFailed", "decided_by_rank0",
+           "prefetch_depth", "run", "RunFailed", "RunInterrupted", "decided_by_rank0",
            "check_ranks_agree"]

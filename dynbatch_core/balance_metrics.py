@@ -44,8 +44,8 @@ def _window(steps: pd.DataFrame, after_step: int = 0, end_step: int | None = Non
 
 
 def _rank_batches(steps: pd.DataFrame) -> pd.DataFrame:
-    """One row per step, one column per rank, holding batch_size."""
-    return steps.pivot(index="step", columns="rank", values="batch_size").sort_index()
+    """One row per step, one column per rank, holding rank_batch."""
+    return steps.pivot(index="step", columns="rank", values="rank_batch").sort_index()
 
 
 def balance_efficiency(steps: pd.DataFrame) -> pd.DataFrame:

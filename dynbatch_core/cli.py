@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return main_report(args)
     from .config import stored_config
     from .distributed import exit_without_teardown, launched_by_torchrun
-    from .launch import RunFailed, run, train_under_torchrun
+    from .launch import RunFailed, RunInterrupted, run, train_under_torchrun
     try:
         if args.resume is not None:
             config = dataclasses.replace(stored_config(args.resume), **_explicit_flags(argv))
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as error:
         print(f"python -m dynbatch_core train: {error}", file=sys.stderr)
         return 1
+    except RunInterrupted as stopped:
+        print(f"python -m dynbatch_core train: {stopped}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("python -m dynbatch_core train: interrupted; every rank stopped", file=sys.stderr)
         return 130

@@ -29,12 +29,25 @@ import torch
 import torch.multiprocessing as mp
 
 from .config import RunConfig, validate_config
-from .console import log
+from .console import LOG_TO_STDOUT, close_launcher_progress, in_jupyter_kernel, launcher_progress, log
 from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
                           threads_per_rank, torchrun_identity)
 from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
 from .rundir import git_commit, prepare_run_dir
 from .train import train_worker
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or Jupyter's interrupt) stopped the run, and every rank has ended. IPython shows just the message
+    (_render_traceback_), not a traceback through multiprocessing."""
+
+    def __init__(self, ranks_ended: int, run_dir: Path):
+        resume = " (resume from its last checkpoint with resume=that folder)" if _has_checkpoint(str(run_dir)) else ""
+        super().__init__(f"run stopped by interrupt; {ranks_ended} rank(s) ended; run folder {run_dir}{resume}")
+        self.run_dir = run_dir
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
 
 
 class RunFailed(RuntimeError):
@@ -60,12 +73,17 @@ def run(config: RunConfig) -> RunResult:
     store = LoopbackStore(timeout_s=config.timeout_s)  # lives as long as the ranks: they rendezvous through it
     # OpenMP threads spin while waiting by default; on a shared CPU that made steps up to 25x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if in_jupyter_kernel():   # the ranks' log lines then show as output, not as error blocks
+        os.environ[LOG_TO_STDOUT] = "1"
     context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), store.address, device_kind, os.getpid()),
                                  nprocs=config.world_size, join=False, start_method="spawn")
     bar = _RunProgressBar(config, run_dir)
+    interrupted = False
     try:
         while not context.join(timeout=1.0):
             bar.refresh()
+    except KeyboardInterrupt:
+        interrupted = True
     except mp.ProcessRaisedException as error:
         raise RunFailed(error.error_index, _traceback_of(error), run_dir) from None
     except mp.ProcessExitedException as error:
@@ -76,6 +94,8 @@ def run(config: RunConfig) -> RunResult:
         _stop(context.processes)
         bar.close()
         del store
+    if interrupted:
+        raise RunInterrupted(sum(not process.is_alive() for process in context.processes), run_dir)
     return read_run(run_dir)
 
 
@@ -163,11 +183,9 @@ class _RunProgressBar:
     """The launcher's progress bar (a widget in Jupyter, text in a terminal), fed by rank 0's progress.json."""
 
     def __init__(self, config: RunConfig, run_dir: Path):
-        from tqdm.auto import tqdm
         self.source = ProgressFile(run_dir / PROGRESS_FILE)
         self.epochs = config.epochs
-        self.bar = tqdm(total=config.max_steps, desc="starting ranks", unit="step", disable=not config.progress,
-                        dynamic_ncols=True)
+        self.bar = launcher_progress(total=config.max_steps, enabled=config.progress)
 
     def refresh(self) -> None:
         progress = self.source.read()
@@ -182,7 +200,7 @@ class _RunProgressBar:
 
     def close(self) -> None:
         self.refresh()
-        self.bar.close()
+        close_launcher_progress(self.bar)
 
 
 def _stop(processes, grace_s: float = 5.0) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the launching process to draw its progress bar
-STEP_COLUMNS = ["epoch", "step", "rank", "world_size", "batch_size", "global_batch", "compute_s", "wait_s", "loss", "lr",
+STEP_COLUMNS = ["epoch", "step", "rank", "world_size", "rank_batch", "global_batch", "compute_s", "wait_s", "loss", "lr",
                 "model_a_s", "model_c_s",       # the model balancer's fitted line t = a + c b for this rank (else empty)
                 "rank_grad_sq", "global_grad_sq"]   # --noise-scale: |mean gradient|^2 of this rank's slice, of the step
 EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc", "world_size",

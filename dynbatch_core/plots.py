@@ -174,7 +174,7 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
             part = steps[steps["run"] == run]
             for rank in ranks:
                 mine = part[part["rank"] == rank]
-                ax.plot(mine["step"], mine["batch_size"], color=colours[names[rank]], label=names[rank],
+                ax.plot(mine["step"], mine["rank_batch"], color=colours[names[rank]], label=names[rank],
                         linewidth=1.4)
             ax.set_title(run)
             ax.set_xlabel(STEP_LABEL)
@@ -226,7 +226,7 @@ def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
     if "model_a_s" not in steps.columns:
         return steps.iloc[0:0].assign(fitted_s=[])
     table = steps.dropna(subset=["model_a_s", "model_c_s"]).copy()
-    table["fitted_s"] = table["model_a_s"] + table["model_c_s"] * table["batch_size"]
+    table["fitted_s"] = table["model_a_s"] + table["model_c_s"] * table["rank_batch"]
     return table
 
 

@@ -64,8 +64,8 @@ class NotebookSetup:
 
     def config(self, label: str, **fields) -> RunConfig:
         """The RunConfig of run `label`: `fields`, then the overrides; its folder <runs_dir>/<label>, overwritten."""
-        values = {"data_dir": self.data_dir, **fields, **self.overrides,
-                  "out": str(self.runs_dir / label), "overwrite": True, "progress": False}
+        values = {"data_dir": self.data_dir, "progress": True, **fields, **self.overrides,
+                  "out": str(self.runs_dir / label), "overwrite": True}
         return RunConfig.from_dict(values)
 
     def figure_name(self, figure: str) -> str:
@@ -311,7 +311,7 @@ def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
         part = part[part["epoch"] == part["epoch"].max()]
         full = part[part["global_batch"] == part["global_batch"].max()]
         last_step = full[full["step"] == full["step"].max()].sort_values("rank")
-        splits[run] = [int(b) for b in last_step["batch_size"]]
+        splits[run] = [int(b) for b in last_step["rank_batch"]]
     return splits
 
 
@@ -448,6 +448,7 @@ def execute_notebook(repo: Path, notebook: str, parameter_set: str, out: Path, k
     finally:
         seconds = time.perf_counter() - started
     executed = nbformat.read(str(target), as_version=4)
+    executed.metadata.pop("widgets", None)   # the progress widgets' state: emptied displays, nothing to show
     executed.metadata["dynbatch"] = {"parameter_set": parameter_set, "seconds": round(seconds, 1)}
     write_atomic(target, lambda tmp: nbformat.write(executed, tmp))
     return seconds

@@ -211,7 +211,7 @@ class RankTrainer:
             line = self.balancer.cost_line(self.rank)
             self.my_rows.append({
                 "epoch": epoch, "step": progress.global_step, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": result.rank_batches[self.rank], "global_batch": result.global_batch,
+                "rank_batch": result.rank_batches[self.rank], "global_batch": result.global_batch,
                 "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
                 "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
                 "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s,
@@ -312,7 +312,7 @@ class RankTrainer:
         config, progress = self.config, self.progress
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
         self.balancer.end_epoch()
-        my_samples = sum(row["batch_size"] for row in self.my_rows)  # this epoch's rows
+        my_samples = sum(row["rank_batch"] for row in self.my_rows)  # this epoch's rows
         if config.eval_bn_samples:
             recompute_batch_norm(self.module, self.train_set, samples=config.eval_bn_samples, rank=self.rank,
                                  world_size=self.world_size, device=self.device)

@@ -29,8 +29,8 @@ def test_time_based_schedules_decide_the_same_batch_on_every_rank(tmp_path, monk
     steps = result.steps
     per_step = steps.groupby("step").global_batch.nunique()
     assert (per_step == 1).all(), steps[steps.step.isin(per_step[per_step > 1].index)]
-    assert (steps.groupby("step").batch_size.sum() == steps.groupby("step").global_batch.first()).all()
-    assert steps.groupby("epoch").batch_size.sum().tolist() == [256, 256, 256]  # every sample once per epoch
+    assert (steps.groupby("step").rank_batch.sum() == steps.groupby("step").global_batch.first()).all()
+    assert steps.groupby("epoch").rank_batch.sum().tolist() == [256, 256, 256]  # every sample once per epoch
     assert result.epochs.global_batch.tolist() == expected
     assert result.epochs.epoch_s.iloc[1] > 2.5  # the epoch's time is the slowest rank's, on every rank
 
@@ -40,4 +40,4 @@ def test_max_rank_batch_caps_a_growing_schedule_instead_of_failing_mid_run(tmp_p
                            test_samples=32, batch_size=32, schedule="increasing", max_rank_batch=20, progress=False,
                            out=str(tmp_path / "capped")))
     assert result.epochs.global_batch.tolist() == [32, 40, 40]
-    assert result.steps.batch_size.max() == 20
+    assert result.steps.rank_batch.max() == 20

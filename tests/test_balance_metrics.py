@@ -10,9 +10,9 @@ from dynbatch_core.balance_metrics import (balance_efficiency, ceiling_speedup, 
 
 
 def steps_table(rows):
-    """rows: (step, rank, batch_size, compute_s, wait_s); global_batch is the step's sum of batch_size."""
-    table = pd.DataFrame(rows, columns=["step", "rank", "batch_size", "compute_s", "wait_s"])
-    table["global_batch"] = table.groupby("step")["batch_size"].transform("sum")
+    """rows: (step, rank, rank_batch, compute_s, wait_s); global_batch is the step's sum of rank_batch."""
+    table = pd.DataFrame(rows, columns=["step", "rank", "rank_batch", "compute_s", "wait_s"])
+    table["global_batch"] = table.groupby("step")["rank_batch"].transform("sum")
     return table
 
 

@@ -125,7 +125,7 @@ def test_a_training_run_fits_the_emulated_costs_exactly_and_trains_the_optimal_s
     assert last["model_c_s"].tolist() == pytest.approx([0.002, 0.006])
     optimum = min_max_split(64, [AffineCost(0.010, 0.002), AffineCost(0.030, 0.006)])
     assert optimum == [51, 13]   # 10 + 2 x 51 = 112 ms >= 30 + 6 x 13 = 108 ms
-    assert result.steps.query("step >= 2").pivot(index="step", columns="rank", values="batch_size").values.tolist() \
+    assert result.steps.query("step >= 2").pivot(index="step", columns="rank", values="rank_batch").values.tolist() \
         == [optimum] * 3
 
 

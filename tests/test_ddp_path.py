@@ -70,8 +70,8 @@ def test_two_ranks_with_a_changing_split_match_one_process(tmp_path, one_process
                             slowdown=(1.0, 3.0), gradient_sync=gradient_sync, loader_workers=workers)
     assert result.config["resolved"]["gradient_sync"] == gradient_sync
     slow_rank = result.steps.query("rank == 1")
-    assert slow_rank.batch_size.nunique() > 2                     # the split really changed during the epoch
-    assert result.steps.groupby("step").batch_size.sum().tolist() == [16] * 32 + [8]   # 520 = 32 x 16 + 8
+    assert slow_rank.rank_batch.nunique() > 2                     # the split really changed during the epoch
+    assert result.steps.groupby("step").rank_batch.sum().tolist() == [16] * 32 + [8]   # 520 = 32 x 16 + 8
     for key in expected:
         assert torch.allclose(expected[key], weights[key], atol=1e-5, rtol=0), key
 
@@ -100,9 +100,9 @@ def test_resume_with_loader_workers_on_ddp_is_bit_exact(tmp_path, monkeypatch):
     monkeypatch.delenv("DYNBATCH_FAULT")
     resumed, weights = train(tmp_path, "interrupted", resume=str(tmp_path / "interrupted"), **options)
     assert all(torch.equal(expected[key], weights[key]) for key in expected)
-    columns = ["step", "rank", "batch_size", "global_batch", "loss", "lr"]
+    columns = ["step", "rank", "rank_batch", "global_batch", "loss", "lr"]
     pd.testing.assert_frame_equal(resumed.steps[columns], reference.steps[columns])
-    assert reference.steps.query("rank == 1").batch_size.nunique() > 2
+    assert reference.steps.query("rank == 1").rank_batch.nunique() > 2
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_training_loop_features_keep_the_uneven_split_equal_to_one_process(tmp_p
                                                                   if k != "max_micro_batch"})
     result, split = train(tmp_path, "split", world_size=2, balancer="weights", rank_weights=(3.0, 13.0),
                           gradient_sync="ddp", **small, **overrides)
-    assert result.steps.query("rank == 1").batch_size.tolist() == [13] * 5
+    assert result.steps.query("rank == 1").rank_batch.tolist() == [13] * 5
     assert max((expected[k] - split[k]).abs().max().item() for k in expected) <= tolerance
     if feature != "micro-batches of 4":  # the option really changed the training
         assert max((expected[k] - plain[k]).abs().max().item() for k in expected) > 1e-5

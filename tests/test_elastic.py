@@ -41,13 +41,13 @@ def test_a_two_rank_run_resumed_on_another_number_of_ranks_ends_with_the_same_we
     assert max((expected[key] - actual[key]).abs().max().item() for key in expected) < 1e-5
     steps = resumed.steps
     # every sample once per epoch, 48 steps in all, each step's global batch 32 whatever the number of ranks
-    assert steps.groupby("epoch").batch_size.sum().tolist() == [SAMPLES] * 3
+    assert steps.groupby("epoch").rank_batch.sum().tolist() == [SAMPLES] * 3
     assert sorted(steps.step.unique()) == list(range(48))
-    assert steps.groupby("step").batch_size.sum().eq(32).all()
+    assert steps.groupby("step").rank_batch.sum().eq(32).all()
     # the tables show where the world size changed: steps 0..19 on 2 ranks, 20.. on the new number
     sizes = steps.groupby("step").world_size.first()
     assert sizes.loc[:19].eq(2).all() and sizes.loc[20:].eq(new_world_size).all()
-    assert steps.query("step == 20").sort_values("rank").batch_size.tolist() == split
+    assert steps.query("step == 20").sort_values("rank").rank_batch.tolist() == split
     assert resumed.epochs.world_size.tolist() == [2, new_world_size, new_world_size]
     losses = steps.groupby("step").loss.mean()
     reference = uninterrupted.steps.groupby("step").loss.mean()

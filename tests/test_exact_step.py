@@ -18,8 +18,8 @@ def train_model(tmp_path, name, **overrides):
 def test_ranks_holding_3_and_13_samples_match_one_process_holding_16(tmp_path):
     _, single = train_model(tmp_path, "single", world_size=1)
     result, split = train_model(tmp_path, "split", world_size=2, rank_weights=(3.0, 13.0))
-    assert result.steps.query("rank == 0").batch_size.tolist() == [3, 3, 3]
-    assert result.steps.query("rank == 1").batch_size.tolist() == [13, 13, 13]
+    assert result.steps.query("rank == 0").rank_batch.tolist() == [3, 3, 3]
+    assert result.steps.query("rank == 1").rank_batch.tolist() == [13, 13, 13]
     for key in single:
         assert torch.allclose(single[key], split[key], atol=1e-5, rtol=0), key
     # the three steps really moved the weights, so the equality is not that of two untouched models
@@ -82,7 +82,7 @@ def test_uneven_split_matches_one_process(case, single_process_models, tmp_path)
     single = single_process_models(options)
     result, split = train_model(tmp_path, "split", world_size=world_size, rank_weights=rank_weights, **SHORT_EPOCH,
                                 **options)
-    assert [result.steps.query(f"rank == {rank}").batch_size.tolist() for rank in range(world_size)] == rank_batches
+    assert [result.steps.query(f"rank == {rank}").rank_batch.tolist() for rank in range(world_size)] == rank_batches
     for key in single:
         assert torch.allclose(single[key], split[key], atol=1e-5, rtol=0), key
     from dynbatch_core.models import build_model

@@ -131,7 +131,7 @@ def test_a_goodput_run_grows_its_batch_where_a_fixed_step_cost_dominates_and_mea
     batches = result.steps.query("rank == 0").global_batch
     assert batches.iloc[0] == 16 and batches.iloc[-1] >= 64
     assert result.epochs.noise_scale.notna().all() and result.epochs.noise_missing.ge(0).all()
-    assert result.steps.groupby("epoch").batch_size.sum().tolist()[0] == 1024   # every sample once per epoch
+    assert result.steps.groupby("epoch").rank_batch.sum().tolist()[0] == 1024   # every sample once per epoch
     # AdaScale: the LR follows the gain, between 1x and B/B_0 x the base LR (before decay)
     assert result.steps.lr.max() > 0.05
 

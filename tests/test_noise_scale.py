@@ -129,7 +129,7 @@ def test_the_engine_measures_the_noise_of_a_resnet_within_15_percent(tmp_path, r
                            out=str(tmp_path / "run")))
     epochs = result.epochs
     if weights:   # the split really was uneven
-        first = result.steps.query("step == 0").sort_values("rank").batch_size.tolist()
+        first = result.steps.query("step == 0").sort_values("rank").rank_batch.tolist()
         assert first[0] < first[-1]
     measured_gradient_sq, measured_trace = epochs.noise_gradient_sq.mean(), epochs.noise_trace.mean()
     assert measured_gradient_sq == pytest.approx(gradient_sq, rel=0.15)

@@ -82,7 +82,7 @@ def test_torchrun_restarts_after_a_sigkill_and_resumes_from_the_last_checkpoint(
     assert "resumed from" in output and "step-00000020" in output
     steps = pd.read_csv(tmp_path / "elastic" / "steps.csv")
     # every sample of each epoch used exactly once in the training that counts; no step lost or repeated
-    assert steps.groupby("epoch").batch_size.sum().tolist() == [512, 512]
+    assert steps.groupby("epoch").rank_batch.sum().tolist() == [512, 512]
     assert steps.query("rank == 0").step.tolist() == list(range(32))
     epochs = pd.read_csv(tmp_path / "elastic" / "epochs.csv")
     assert epochs.test_acc.iloc[-1] == pytest.approx(reference.epochs.test_acc.iloc[-1], abs=1e-9)
@@ -160,8 +160,8 @@ def test_an_elastic_job_goes_on_after_a_node_leaves_and_after_one_joins(tmp_path
     steps = pd.read_csv(out / "steps.csv")
     # the training that counts: 96 steps of B = 32, every sample once per epoch, on 2, then 1, then 2 ranks
     assert sorted(steps.step.unique()) == list(range(96))
-    assert steps.groupby("step").batch_size.sum().eq(32).all()
-    assert steps.groupby("epoch").batch_size.sum().tolist() == [1024] * 3
+    assert steps.groupby("step").rank_batch.sum().eq(32).all()
+    assert steps.groupby("epoch").rank_batch.sum().tolist() == [1024] * 3
     sizes = steps.groupby("step").world_size.first()
     changes = [int(size) for size, _ in itertools.groupby(sizes)]
     assert changes == [2, 1, 2], changes
@@ -188,7 +188,7 @@ def test_nodes_with_run_folders_of_their_own_resume_from_the_node_that_holds_the
     assert "resumed from" in outputs[0] and "step-00000020" in outputs[0]
     assert not (folders[1] / "checkpoints").exists()   # only rank 0 writes: node 1 never held a checkpoint
     steps = pd.read_csv(folders[0] / "steps.csv")
-    assert steps.groupby("epoch").batch_size.sum().tolist() == [512, 512]
+    assert steps.groupby("epoch").rank_batch.sum().tolist() == [512, 512]
     assert (steps.loss - reference.steps.loss).abs().max() < 1e-5
     # DYNBATCH_NODE_SLOWDOWN=3 on node 1: its rank computes about 3x longer on the same slice
     ratio = (steps.query("rank == 1").compute_s.median() / steps.query("rank == 0").compute_s.median())
