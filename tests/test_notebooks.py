@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dynbatch_core import plots, report
+from dynbatch_core import findings as findings_module, plots, report
 from dynbatch_core.schedules import plateau_progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,9 +150,9 @@ def test_probe_outcome_reports_a_dip_when_accuracy_falls_as_the_batch_drops_back
     epochs = pd.DataFrame({"epoch": range(6), "global_batch": [16, 32, 64, 128, 16, 16],
                            "test_acc": [0.8, 0.85, 0.88, 0.9, 0.86, 0.91], "wall_s": range(1, 7),
                            "train_loss": [0.5, 0.3, 0.25, 0.2, 0.22, 0.18], "epoch_s": 1.0})
-    outcome = report.probe_outcome(epochs, [16, 32, 64, 128])
+    outcome = findings_module.probe_outcome(epochs, [16, 32, 64, 128])
     assert outcome["chosen_batch"] == 16 and outcome["dropped"] and outcome["dip_points"] == pytest.approx(4.0)
-    findings, comparison = report.describe_probe(epochs, [16, 32, 64, 128])
+    findings, comparison = findings_module.describe_probe(epochs, [16, 32, 64, 128])
     assert "0.900 → 0.860 → 0.910" in findings[-1] and "a dip of 4.0 points" in findings[-1]
     assert comparison[0].startswith("Like the class study")
 

@@ -1,0 +1,257 @@
+"""Sentences from numbers, for the five class-study and heterogeneous notebooks: what a probe chose, who won a race
+to an accuracy, how well balancers split a slow cluster. The notebooks print them and REPORT.md copies them from
+each summary JSON (the adaptive notebook's own are in adaptive_findings.py).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+CLASS_STUDY = ("the class study (full datasets, ResNet-18/101 on GPUs) saw an accuracy dip on 1 GPU when the probe "
+               "schedule dropped the batch back to 16, and on 4 GPUs found the decreasing and loss-based schedules "
+               "fastest")
+DIP_POINTS = 0.2  # a drop in test accuracy of at least this many percentage points counts as a dip
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
+def _batches(values: Sequence[int]) -> str:
+    """[16, 16, 32] -> '16 → 16 → 32'."""
+    return " → ".join(str(int(v)) for v in values)
+
+
+def _names(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def probe_outcome(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> dict:
+    """What the probe did: the chosen batch, the test accuracy of the last probe epoch (acc_before) and of every
+    epoch at the chosen batch (acc_after), and dip_points = how many percentage points the lowest of those fell
+    below acc_before (negative: it never fell)."""
+    probes = min(len(probe_sizes), len(epochs))
+    outcome = {"probe_epochs": probes, "chosen_batch": None, "dropped": False, "dip_points": None}
+    if len(epochs) > probes:
+        before, after = epochs.iloc[probes - 1], epochs.iloc[probes:]
+        outcome.update(chosen_batch=int(after["global_batch"].iloc[0]),
+                       dropped=bool(after["global_batch"].iloc[0] < before["global_batch"]),
+                       acc_before=round(float(before["test_acc"]), 4),
+                       acc_after=[round(float(acc), 4) for acc in after["test_acc"]],
+                       dip_points=round(100 * (before["test_acc"] - after["test_acc"].min()), 2))
+    return outcome
+
+
+def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(findings, comparison with the class study) for one probe run's epochs table."""
+    outcome = probe_outcome(epochs, probe_sizes)
+    probes = outcome["probe_epochs"]
+    probe_part = epochs.iloc[:probes]
+    first, last = epochs.iloc[0], epochs.iloc[-1]
+    findings = [f"The probe ran one epoch at each global batch {_batches(probe_part['global_batch'])} "
+                f"({_seconds(probe_part['wall_s'].iloc[-1])} of training)"
+                + (f", then kept B = {outcome['chosen_batch']} for the remaining {len(epochs) - probes} epoch(s)."
+                   if outcome["chosen_batch"] else "; the run ended before it chose a batch."),
+                f"Test accuracy went from {first['test_acc']:.3f} after the first epoch to {last['test_acc']:.3f} "
+                f"after {len(epochs)} epochs and {_seconds(last['wall_s'])} of training."]
+    if outcome["chosen_batch"] is None:
+        return findings, []
+    from .schedules import EpochSummary, ProbeSchedule
+    rates = ProbeSchedule.rates([EpochSummary(int(row.epoch), int(row.global_batch), float(row.train_loss),
+                                              float(row.epoch_s)) for row in probe_part.itertuples()])
+    findings.append("Its rule, the fastest fall of ln(training loss) per second of epoch, scored them "
+                    + ", ".join(f"{int(b)}: {1000 * r:.2f}" for b, r in zip(probe_part["global_batch"], rates))
+                    + " (per 1000 s)" + ("; the first probe's score includes the steep start of training."
+                                         if rates and max(rates) == rates[0] else "."))
+    path = " → ".join(f"{acc:.3f}" for acc in [outcome["acc_before"], *outcome["acc_after"]])
+    dipped = outcome["dip_points"] >= DIP_POINTS
+    verdict = (f"a dip of {outcome['dip_points']:.1f} points" if dipped else
+               f"no dip (never more than {DIP_POINTS} points below {outcome['acc_before']:.3f})")
+    if outcome["dropped"]:
+        findings.append(f"When the batch dropped from {int(probe_part['global_batch'].iloc[-1])} back to "
+                        f"{outcome['chosen_batch']}, test accuracy went {path} over the epochs that followed: "
+                        f"{verdict}.")
+        comparison = [("Like" if dipped else "Unlike") + " the class study's 1-GPU probe, which dipped when the "
+                      f"batch dropped back to 16: here the probe chose {outcome['chosen_batch']} and test accuracy "
+                      f"went {path} after the drop ({verdict})."]
+    else:
+        findings.append(f"The chosen batch is not smaller than the last probe's, so there was no drop back to a "
+                        f"small batch; test accuracy went {path} from the last probe epoch on.")
+        comparison = [f"The class study's dip came with the drop back to B = 16; here the probe chose "
+                      f"{outcome['chosen_batch']}, so that situation did not arise."]
+    return findings, comparison
+
+
+def timing_noise(epochs: pd.DataFrame, threshold: float = 1.2) -> tuple[float, str | None]:
+    """(spread, sentence): the largest ratio of median samples/s between runs at a global batch every run used
+    (1.0 when none is shared), and a sentence about it when it exceeds `threshold`."""
+    medians = epochs.groupby(["global_batch", "run"])["samples_per_s"].median().unstack("run")
+    shared = medians.dropna()  # batches every run used
+    if epochs["run"].nunique() < 2 or shared.empty:
+        return 1.0, None
+    spreads = shared.max(axis=1) / shared.min(axis=1)
+    batch = spreads.idxmax()
+    spread = float(spreads[batch])
+    if spread <= threshold:
+        return spread, None
+    row = shared.loc[batch]
+    return spread, (f"Timing noise: at B = {batch}, which every run used, the runs' median throughput ranged from "
+                    f"{row.min():.0f} ({row.idxmin()}) to {row.max():.0f} samples/s ({row.idxmax()}): other work "
+                    f"shared the CPU, so time ratios between runs below about {spread:.1f}× are within this noise.")
+
+
+def describe_accuracy_race(epochs: pd.DataFrame, *, noise: bool = True) -> list[str]:
+    """Final accuracies and the time each run needed to reach the lowest of them; noise: add `timing_noise`'s
+    sentence (only meaningful when runs with the same global batch should run equally fast)."""
+    from .plots import time_to_reach
+    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    findings = ["Global batch per epoch: " + "; ".join(
+        f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + "."]
+    findings.append("Final test accuracy: " + ", ".join(
+        f"{run} {row.test_acc:.3f} after {_seconds(row.wall_s)}" for run, row in finals.iterrows()) + ".")
+    if len(finals) > 1:
+        target = float(finals["test_acc"].min())
+        reach = time_to_reach(epochs, "test_acc", target, lower_is_better=False).sort_values("time_s")
+        findings.append(f"To reach {target:.3f} (the lowest final accuracy) took " + ", ".join(
+            f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) +
+            f": {reach['run'].iloc[0]} was {reach['time_s'].iloc[-1] / reach['time_s'].iloc[0]:.2f}× faster "
+            f"than {reach['run'].iloc[-1]}.")
+    sentence = timing_noise(epochs)[1] if noise else None
+    return findings + ([sentence] if sentence else [])
+
+
+def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau")
+                           ) -> tuple[list[str], list[str], float]:
+    """(findings, comparison, target loss): time to reach the highest final training loss, and why.
+
+    Time to a loss = samples needed / samples per second, so the sentence says which of the two decided it.
+    """
+    from .plots import time_to_reach
+    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    target = float(finals["train_loss"].max())
+    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True).sort_values("time_s")
+    reach["rate"] = reach["samples"] / reach["time_s"]
+    fastest, slowest = reach.iloc[0], reach.iloc[-1]
+    findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it): "
+                + ", ".join(f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) + ".",
+                "Global batch per epoch: " + "; ".join(
+                    f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index)
+                + "."]
+    sample_ratio = slowest.samples / fastest.samples
+    rate_ratio = fastest.rate / slowest.rate
+    reason = "fewer samples" if sample_ratio >= rate_ratio else "faster processing of samples"
+    findings.append(f"{fastest.run} beat {slowest.run} by {slowest.time_s / fastest.time_s:.2f}×: it needed "
+                    f"{fastest.samples:.0f} samples instead of {slowest.samples:.0f} ({sample_ratio:.2f}×) at "
+                    f"{fastest.rate:.0f} instead of {slowest.rate:.0f} samples/s ({rate_ratio:.2f}×), so mostly "
+                    f"{reason}.")
+    by_batch = epochs.groupby("global_batch")["samples_per_s"].median()
+    if len(by_batch) > 1:
+        small, large = by_batch.iloc[0], by_batch.iloc[-1]
+        throughput = (f"median {small:.0f} samples/s at B = {by_batch.index[0]} vs {large:.0f} at "
+                      f"B = {by_batch.index[-1]}")
+        if large > 1.2 * small:
+            findings.append(f"Large batches are faster per sample here ({throughput}): a schedule that spends its "
+                            "early epochs, where the loss falls fastest, at large batches gains time there; one "
+                            "that starts small pays for it, unless its extra updates per sample make up for it.")
+        else:
+            findings.append(f"Large batches are hardly faster per sample here ({throughput}), so the schedules "
+                            "differ mainly in how much the loss falls per sample, where smaller batches (more "
+                            "updates) tend to win early in training.")
+    spread, noise = timing_noise(epochs)
+    if noise:
+        findings.append(noise)
+    by_samples = reach.sort_values("samples")
+    findings.append("Samples needed to reach it (not affected by timing noise): " + ", ".join(
+        f"{row.run} {row.samples:.0f}" for row in by_samples.itertuples()) + ".")
+    time_ratio = slowest.time_s / fastest.time_s
+    if time_ratio <= spread:
+        two_first = list(by_samples["run"].iloc[:2])
+        agree = set(two_first) == set(expected_fastest)
+        comparison = [f"This run cannot rank the schedules by time: all reached the target within {time_ratio:.2f}× "
+                      f"of each other, inside the {spread:.1f}× timing noise. By samples needed, the two most "
+                      f"efficient were {_names(two_first)}, " + ("the same two the class study found fastest."
+                      if agree else f"not the class study's two fastest ({_names(expected_fastest)}).")]
+    else:
+        two_first = list(reach["run"].iloc[:2])
+        agree = set(two_first) == set(expected_fastest)
+        comparison = [f"{'As in' if agree else 'Unlike'} the class study (4 GPUs: {_names(expected_fastest)} "
+                      f"fastest), the two fastest here were {_names(two_first)}; {fastest.run} won mostly through "
+                      f"{reason}."]
+    if not agree:
+        gain = (f" (here B = {by_batch.index[-1]} ran only {by_batch.iloc[-1] / by_batch.iloc[0]:.1f}× faster per "
+                f"sample than B = {by_batch.index[0]})" if len(by_batch) > 1 else "")
+        comparison.append("Two likely reasons for the difference: on GPUs a large batch is far cheaper per sample than on these CPU "
+                          f"ranks{gain}, which favours starting large; and the class study's loss-based rule, as "
+                          "its seed computed P (without the 1/k, see schedules.LossPlateauSchedule), never saw a "
+                          "plateau and only ever halved B, so it behaved like decreasing.")
+    return findings, comparison, target
+
+
+def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
+    """Per run: the per-rank batches of the last step of the last epoch that held the full global batch."""
+    splits = {}
+    for run, part in steps.groupby("run", sort=False):
+        part = part[part["epoch"] == part["epoch"].max()]
+        full = part[part["global_batch"] == part["global_batch"].max()]
+        last_step = full[full["step"] == full["step"].max()].sort_values("rank")
+        splits[run] = [int(b) for b in last_step["rank_batch"]]
+    return splits
+
+
+def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Sequence[float],
+                       emulated_sample_ms: float | None = None) -> dict[str, list[str]]:
+    """Sentences for the heterogeneous notebook's rank_batches, balance_efficiency and speedup figures."""
+    from .balance_metrics import ceiling_speedup
+    from .plots import efficiency_table
+    speeds = [1.0 / k for k in slowdown]
+    ideal = [round(s / sum(speeds), 2) for s in speeds]
+    splits = [f"{run} {split}" for run, split in last_full_split(steps).items()]
+    efficiency = efficiency_table(steps)
+    last_epoch = efficiency[efficiency["epoch"] == efficiency.groupby("run")["epoch"].transform("max")]
+    mean_eff = last_epoch.groupby("run", sort=False)["efficiency"].mean()
+    equal_eff = sum(slowdown) / (len(slowdown) * max(slowdown))
+    balanced = speedups[speedups["balancer"] != "equal"]
+    at_main = balanced[balanced["slowest"] == max(slowdown)]
+    speedup = [f"At slowdown {list(slowdown)} the ceiling is {ceiling_speedup(slowdown):.2f}×; measured on the last "
+               "epoch: " + ", ".join(f"{row.balancer} {row.speedup:.2f}× ({100 * row.speedup / row.ceiling:.0f} % "
+                                     "of it)" for row in at_main.itertuples()) + "."]
+    swept = balanced[balanced["slowest"] > 1]
+    if swept["slowest"].nunique() > 1:
+        share = (swept["speedup"] / swept["ceiling"]).groupby(swept["balancer"], sort=False).mean()
+        speedup.append(f"Over k = {', '.join(f'{k:g}' for k in sorted(swept['slowest'].unique()))} they reached on "
+                       "average " + ", ".join(f"{name} {100 * value:.0f} %" for name, value in share.items())
+                       + " of the ceiling.")
+    if emulated_sample_ms:
+        speedup.append(f"Compute was emulated at {emulated_sample_ms:g} ms per sample × k (emulated_sample_ms), so "
+                       "the cost per sample is fixed and other work on this shared CPU cannot decide the comparison; "
+                       "data loading, all-reduce and optimizer steps are real and keep results a little below the "
+                       "ceiling.")
+    else:
+        speedup.append("Compute was real: on a CPU the cost per sample falls with the batch, so the fast rank's "
+                       "larger slice can take a balancer past the ceiling, and other work on the machine adds noise.")
+    return {
+        "rank_batches": [f"With slowdown {list(slowdown)}, the speed-proportional shares are {ideal}; the split at the "
+                         "last full step was " + ", ".join(splits) + ". DBS re-splits once per epoch (its first "
+                         "epoch is equal), PID every few steps."],
+        "balance_efficiency": ["Mean balance efficiency in the last epoch: " + ", ".join(
+            f"{run} {value:.2f}" for run, value in mean_eff.items()) +
+            f" (an equal split of these slowdowns gives {equal_eff:.2f} in theory, a perfect split 1)."],
+        "speedup": speedup,
+    }
+
+
+def describe_fit(steps: pd.DataFrame) -> list[str]:
+    """Sentences for the fitted-step-time figure: how closely the model balancer's lines predict each rank."""
+    from .plots import fitted_step_time_table
+    table = fitted_step_time_table(steps)
+    if table.empty:
+        return ["No run used the model balancer."]
+    last = table[table["step"] == table["step"].max()].sort_values("rank")
+    lines = ", ".join(f"rank {row.rank}: {1000 * row.model_a_s:.1f} ms + {1000 * row.model_c_s:.2f} ms × b"
+                      for row in last.itertuples())
+    later = table[table["step"] >= table["step"].max() // 2]
+    error = ((later["compute_s"] - later["fitted_s"]).abs() / later["compute_s"].clip(lower=1e-9)).median()
+    return [f"Final fitted lines {lines}. Over the second half of the run the fitted time was off the measured one "
+            f"by a median {100 * error:.1f} % per step."]
