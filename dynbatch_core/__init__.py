@@ -9,7 +9,8 @@ Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_b
 """
 from .agreement import check_ranks_agree, decided_by_rank0
 from .balancers import BALANCERS, Balancer, build_balancer, largest_remainder_split
-from .config import RunConfig, validate_config
+from .config import RunConfig
+from .validation import validate_config
 from .data import DATASET_NAMES, load_datasets
 from .metrics import RunResult, read_run
 from .models import MODEL_NAMES, build_model

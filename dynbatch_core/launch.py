@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from .config import RunConfig, validate_config
+from .config import RunConfig
+from .validation import validate_config
 from .console import LOG_TO_STDOUT, close_launcher_progress, in_jupyter_kernel, launcher_progress, log
 from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
                           threads_per_rank, torchrun_identity)
@@ -233,7 +234,7 @@ def _open_run_dir(config: RunConfig, device_kind: str, torchrun_run_id: str | No
 
 def implied_batch_cap(config: RunConfig) -> int | None:
     """world_size x --max-rank-batch when it, not --max-batch, bounds a schedule that can grow the global batch."""
-    from .config import schedule_options
+    from .validation import schedule_options
     if config.max_rank_batch is None or config.schedule in ("static", "decreasing"):
         return None
     cap = config.world_size * config.max_rank_batch

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from .agreement import check_ranks_agree, decided_by_rank0, max_over_ranks
 from .balancers import build_balancer
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
-from .config import RunConfig, balancer_options, check_same_computation, schedule_options
+from .config import RunConfig
+from .validation import balancer_options, check_same_computation, schedule_options
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
 from .evaluation import evaluate, recompute_batch_norm

@@ -1,0 +1,198 @@
+"""Checking a RunConfig before anything is spawned: one ValueError line saying what is wrong and what is allowed;
+what a resumed run may change; the options a config gives its schedule and balancer (from their classes' own
+`options`).
+
+    data_source = validate_config(config)     # run() and the CLI both call it
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from .balancers import BALANCERS, build_balancer
+from .config import RunConfig, stored_config
+from .data import DATASET_NAMES, describe_data_source
+from .distributed import GRADIENT_SYNCS, check_device, resolve_device
+from .hetero import SlowdownPlan
+from .lr import LR_DECAYS, LR_SCALINGS
+from .models import MODEL_NAMES, NORM_CHOICES
+from .schedules import SCHEDULES, build_schedule
+
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+
+def _check_rank_list(flag: str, values, world_size: int, minimum: float, what: str) -> None:
+    if values is None:
+        return
+    if len(values) != world_size:
+        raise ValueError(f"{flag} needs {world_size} comma-separated values (one per rank), got {len(values)}")
+    if any(not v >= minimum for v in values):
+        raise ValueError(f"{flag} entries must be {what}, got {','.join(f'{v:g}' for v in values)}")
+
+
+def _check_writable(out: str | None) -> None:
+    """Create the run folder's parent (or runs/) and a scratch file in it: os.access is no proof under root."""
+    target = Path(out).expanduser() if out is not None else Path("runs")
+    parent = target.parent if out is not None else target
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out or 'runs'}: cannot create or write {parent.resolve()} "
+                         f"({error.strerror or error})") from None
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULE_OPTIONS = tuple(dict.fromkeys(name for cls in SCHEDULES.values() for name in cls.options))
+BALANCER_OPTIONS = tuple(dict.fromkeys(name for cls in BALANCERS.values() for name in cls.options))
+
+
+def schedule_options(config: RunConfig) -> dict:
+    """The schedule's options. --max-rank-batch bounds the global batch too: B never exceeds world_size x
+    max_rank_batch (an implied --max-batch), so a schedule that grows B cannot outgrow what the ranks may hold."""
+    max_batch = config.max_batch
+    if config.max_rank_batch is not None:
+        cap = config.world_size * config.max_rank_batch
+        max_batch = cap if max_batch is None else min(max_batch, cap)
+    return {"initial_batch": config.batch_size,
+            "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
+            "max_batch": max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
+
+
+def balancer_options(config: RunConfig) -> dict:
+    return {"min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
+            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
+
+
+# Fields a resumed run may change: they do not alter the computation of the steps already taken (a CPU checkpoint
+# may continue on GPUs, or on another number of ranks: only the summation order changes). The per-rank settings
+# are given anew for the new number of ranks.
+RESUME_MAY_CHANGE = {"threads", "epochs", "max_steps", "progress", "checkpoint_every", "checkpoints", "timeout_s", "out",
+                     "overwrite", "resume", "data_dir", "download", "device", "gradient_sync",
+                     "max_micro_batch", "world_size", "slowdown", "slowdown_trace", "rank_weights"}
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_resume(config: RunConfig) -> None:
+    """--resume must name a run folder with a checkpoint of the same computation (any world size)."""
+    from .checkpoint import latest_checkpoint
+    run_dir = Path(config.resume)
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {config.resume}: no such run folder")
+    if latest_checkpoint(run_dir) is None:
+        raise ValueError(f"--resume {config.resume}: the run folder holds no checkpoint to resume from")
+    check_same_computation(stored_config(run_dir), config, where=f"--resume {config.resume}")
+
+
+def check_same_computation(stored: RunConfig, config: RunConfig, *, where: str) -> None:
+    """Refuse a resumed configuration that changes anything but RESUME_MAY_CHANGE (one line naming both values)."""
+    for option in dataclasses.fields(RunConfig):
+        if option.name in RESUME_MAY_CHANGE:
+            continue
+        before, now = getattr(stored, option.name), getattr(config, option.name)
+        if _as_tuple(before) != _as_tuple(now):  # config.json stores (16, 32) as [16, 32]; the API may pass either
+            raise ValueError(f"{where}: --{option.name.replace('_', '-')} was {before!r} in that "
+                             f"run, now {now!r}; a resumed run may only change "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
+
+
+def validate_config(config: RunConfig) -> str:
+    """Raise ValueError (one line: what is wrong, what is allowed) or return a line saying where the data comes from.
+
+    Run this before spawning anything; run() and the CLI both do.
+    """
+    _check_choice("dataset", config.dataset, DATASET_NAMES)
+    _check_choice("model", config.model, MODEL_NAMES)
+    _check_choice("norm", config.norm, NORM_CHOICES)
+    _check_choice("schedule", config.schedule, tuple(SCHEDULES))
+    _check_choice("balancer", config.balancer_name, tuple(BALANCERS))
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("lr scaling", config.lr_scaling, LR_SCALINGS)
+    _check_choice("lr decay", config.lr_decay, LR_DECAYS)
+    _check_choice("device", config.device, DEVICES)
+    _check_choice("gradient sync", config.gradient_sync, GRADIENT_SYNCS)
+    _check_choice("precision", config.precision, PRECISIONS)
+    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
+        raise ValueError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
+    if config.max_micro_batch is not None and config.max_micro_batch < 1:
+        raise ValueError(f"--max-micro-batch must be >= 1, got {config.max_micro_batch}")
+    if config.precision == "fp16" and resolve_device(config.device, config.world_size) != "cuda":
+        raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
+    if config.loader_workers < 0:
+        raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
+    if config.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
+    if config.batch_size < config.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than --world-size {config.world_size}: "
+                         "every rank needs at least one sample per step")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {config.seed}")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {config.threads}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:
+        raise ValueError(f"--emulated-sample-ms must be > 0, got {config.emulated_sample_ms}")
+    if config.emulated_step_ms is not None and (config.emulated_sample_ms is None or not config.emulated_step_ms >= 0):
+        raise ValueError(f"--emulated-step-ms must be >= 0 and needs --emulated-sample-ms, got "
+                         f"{config.emulated_step_ms} with --emulated-sample-ms {config.emulated_sample_ms}")
+    if config.eval_bn_samples < 0:
+        raise ValueError(f"--eval-bn-samples must be >= 0, got {config.eval_bn_samples}")
+    if config.emulated_clock and config.emulated_sample_ms is None:
+        raise ValueError("--emulated-clock needs --emulated-sample-ms (the cost it reports)")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
+    for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if config.train_samples is not None and config.train_samples < config.world_size:
+        raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
+    if not config.lr >= 0:
+        raise ValueError(f"--lr must be >= 0, got {config.lr}")
+    if not 0 <= config.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if not config.timeout_s > 0:
+        raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
+    _check_rank_list("--rank-weights", config.rank_weights, config.world_size, 1e-12, "> 0")
+    _check_rank_list("--slowdown", config.slowdown, config.world_size, 1.0, ">= 1 (1 = full speed, 3 = 3x slower)")
+    SlowdownPlan.from_options(config.world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
+    if config.rank_weights is not None and config.balancer_name != "weights":
+        raise ValueError(f"--rank-weights applies to the weights balancer, not {config.balancer_name!r}")
+    min_batch = config.min_batch if config.min_batch is not None else config.world_size
+    if min_batch < config.world_size:
+        raise ValueError(f"--min-batch {min_batch} is smaller than --world-size {config.world_size}")
+    if config.max_batch is not None and config.max_batch < max(min_batch, config.batch_size):
+        raise ValueError(f"--max-batch {config.max_batch} is smaller than --batch-size/--min-batch")
+    if config.max_rank_batch is not None and config.max_rank_batch * config.world_size < max(config.batch_size,
+                                                                                             min_batch):
+        raise ValueError(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks cannot hold "
+                         f"--batch-size {config.batch_size} / --min-batch {min_batch}")
+    if config.sync_bn and config.norm != "batch":
+        raise ValueError("--sync-bn needs --norm batch")
+    if config.schedule == "smith" and config.lr_scaling != "none":
+        raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
+    build_schedule(config.schedule, **schedule_options(config))       # their own range checks, one line each
+    build_balancer(config.balancer_name, config.world_size, **balancer_options(config))
+    check_device(config.device, config.world_size, sync_bn=config.sync_bn)
+    data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
+                                       test_samples=config.test_samples, download=config.download)
+    if config.resume is not None:
+        check_resume(config)
+    else:
+        _check_writable(config.out)
+    return data_source
