@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core import RunConfig, run  # noqa: E402
 from dynbatch_core import balance_metrics as bm  # noqa: E402
-from dynbatch_core.hetero import SlowdownPlan  # noqa: E402
 
 BALANCERS = ("equal", "dbs", "pid", "model")
 TOLERANCE = 0.05        # settled: every |b_i - target_i| <= 5 % of B/n
@@ -101,22 +100,15 @@ def run_config(args, scenario: Scenario, balancer: str) -> RunConfig:
         timeout_s=120.0)  # a step takes < 2 s: a lost rank fails the run in 2 min, not 5
 
 
-def segments(plan: SlowdownPlan, last_step: int) -> list[tuple[int, int, tuple[float, ...]]]:
-    """(first step, end step (exclusive), factors) of each constant stretch of the plan within the run."""
-    starts = [s for s in plan.change_steps if s <= last_step]
-    ends = starts[1:] + [last_step + 1]
-    return [(start, end, plan.factors_at(start)) for start, end in zip(starts, ends)]
-
-
-def analyse(scenario: Scenario, balancer: str, result, plan: SlowdownPlan) -> tuple[dict, pd.DataFrame]:
-    """One summary row and the run's steps table with slowdown and ideal_batch columns added."""
+def analyse(scenario: Scenario, balancer: str, result) -> tuple[dict, pd.DataFrame]:
+    """One summary row and the run's steps table with an ideal_batch column added (from its slowdown column)."""
     steps = result.steps.copy()
-    steps["slowdown"] = [plan.factor(rank, step) for rank, step in zip(steps["rank"], steps["step"])]
     last, batch, ranks = int(steps["step"].max()), int(steps["global_batch"].iloc[0]), scenario.world_size
-    pieces = segments(plan, last)
+    pieces = bm.slowdown_segments(steps)
     steady_from = (last + 1) // 2 if len(pieces) == 1 else 0  # static: second half; trace: the whole run
     ideal = {start: bm.ideal_split(batch, factors) for start, _, factors in pieces}
-    steps["ideal_batch"] = [ideal[plan.change_steps[bisect.bisect_right(plan.change_steps, step) - 1]][rank]
+    starts = [start for start, _, _ in pieces]
+    steps["ideal_batch"] = [ideal[starts[bisect.bisect_right(starts, step) - 1]][rank]
                             for rank, step in zip(steps["rank"], steps["step"])]
     efficiency = bm.balance_efficiency(steps).set_index("step")["efficiency"]
     settle, settle_ideal, settled, swings = [], [], [], []
@@ -330,8 +322,7 @@ def main() -> None:
         config = run_config(args, scenario, balancer)
         load = os.getloadavg()[0]
         results[(scenario.name, balancer)] = result = run(config)
-        plan = SlowdownPlan.from_options(config.world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
-        row, steps = analyse(scenario, balancer, result, plan)
+        row, steps = analyse(scenario, balancer, result)
         rows.append({**row, "load_avg": load})
         tables.append(steps.assign(scenario=scenario.name, balancer=balancer))
     summary = add_ratios(pd.DataFrame(rows), args.acc_target, results)

@@ -132,3 +132,16 @@ def runnable_ranks(steps: pd.DataFrame) -> float:
         raise ValueError("runnable_ranks needs a 'slowdown' column (the rank's k at that step)")
     busy = (steps["compute_s"] / steps["slowdown"]).groupby(steps["step"]).sum().sort_index()
     return float(busy.sum() / step_times(steps).sum())
+
+
+def slowdown_segments(steps: pd.DataFrame) -> list[tuple[int, int, tuple[float, ...]]]:
+    """(first step, end step (exclusive), per-rank factors) of each stretch of steps.csv over which no rank's
+    `slowdown` changed: one stretch for a fixed --slowdown, one per change of a --slowdown-trace."""
+    factors = steps.pivot(index="step", columns="rank", values="slowdown").sort_index()
+    rows, step_ids = [tuple(float(k) for k in row) for row in factors.to_numpy()], factors.index.tolist()
+    segments, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[start]:
+            segments.append((int(step_ids[start]), int(step_ids[i - 1]) + 1, rows[start]))
+            start = i
+    return segments

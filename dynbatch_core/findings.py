@@ -58,9 +58,7 @@ def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[li
                 f"after {len(epochs)} epochs and {_seconds(last['wall_s'])} of training."]
     if outcome["chosen_batch"] is None:
         return findings, []
-    from .schedules import EpochSummary, ProbeSchedule
-    rates = ProbeSchedule.rates([EpochSummary(int(row.epoch), int(row.global_batch), float(row.train_loss),
-                                              float(row.epoch_s)) for row in probe_part.itertuples()])
+    rates = probe_part["schedule_score"].tolist()   # what the probe scored each epoch (epochs.csv)
     findings.append("Its rule, the fastest fall of ln(training loss) per second of epoch, scored them "
                     + ", ".join(f"{int(b)}: {1000 * r:.2f}" for b, r in zip(probe_part["global_batch"], rates))
                     + " (per 1000 s)" + ("; the first probe's score includes the steep start of training."

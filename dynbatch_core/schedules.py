@@ -67,6 +67,10 @@ class Schedule:
     def clamp(self, batch: float) -> int:
         return int(min(max(batch, self.min_batch), self.max_batch))
 
+    def epoch_scores(self, history: Sequence[EpochSummary]) -> list[float]:
+        """The score this schedule gave each epoch of `history` (epochs.csv's schedule_score); none by default."""
+        return []
+
     def current(self, history: Sequence[EpochSummary]) -> int:
         """The B of the last finished epoch (initial_batch before the first)."""
         return history[-1].global_batch if history else self.clamp(self.initial_batch)
@@ -204,6 +208,9 @@ class ScoreSchedule(Schedule):
         return [0.8 * s.train_loss / max(first.train_loss, 1e-12) + 0.2 * s.epoch_s / max(first.epoch_s, 1e-12)
                 for s in history]
 
+    def epoch_scores(self, history: Sequence[EpochSummary]) -> list[float]:
+        return self.scores(history) if history else []
+
     def decide(self, epoch: int, history: Sequence[EpochSummary]) -> ScheduleDecision:
         batch = self.current(history)
         if len(history) < 2:
@@ -258,6 +265,9 @@ class ProbeSchedule(Schedule):
         slopes = [logs[1] - logs[0]] + [(logs[e + 1] - logs[e - 1]) / 2 for e in range(1, last)] + \
                  [logs[last] - logs[last - 1]]
         return [-slope / max(s.epoch_s, 1e-12) for slope, s in zip(slopes, probes)]
+
+    def epoch_scores(self, history: Sequence[EpochSummary]) -> list[float]:
+        return self.rates(history[:len(self.probe_sizes)])
 
     def decide(self, epoch: int, history: Sequence[EpochSummary]) -> ScheduleDecision:
         if epoch < len(self.probe_sizes):

@@ -197,8 +197,8 @@ class RankTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch,
-                                     self.slowdown.factor(self.rank, progress.global_step))
+            slowdown = self.slowdown.factor(self.rank, progress.global_step)
+            result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch, slowdown)
             step_s = time.perf_counter() - started
             self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
@@ -213,7 +213,7 @@ class RankTrainer:
             self.my_rows.append({
                 "epoch": epoch, "step": progress.global_step, "rank": self.rank, "world_size": self.world_size,
                 "rank_batch": result.rank_batches[self.rank], "global_batch": result.global_batch,
-                "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
+                "slowdown": slowdown, "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
                 "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
                 "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s,
                 **self.gradient_columns(result)})
@@ -332,6 +332,10 @@ class RankTrainer:
                 "test_acc": test_acc, "world_size": self.world_size, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
                 "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan"),
                 **noise})
+            scored = [*self.history, EpochSummary(progress.epoch, global_batch, train_loss, epoch_s)] if complete \
+                else self.history
+            for row, score in zip(self.epoch_rows, self.schedule.epoch_scores(scored)):
+                row["schedule_score"] = score
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
             log(f"epoch {progress.epoch + 1}/{config.epochs}: B={global_batch} steps={progress.epoch_steps} "

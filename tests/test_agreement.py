@@ -1,7 +1,8 @@
 """Every rank trains the same global batch and split, even when the ranks' clocks disagree about an epoch's time."""
 import pytest
 
-from dynbatch_core import RunConfig, run
+from dynbatch_core import RunConfig, build_schedule, run
+from dynbatch_core.schedules import EpochSummary
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,14 @@ def test_time_based_schedules_decide_the_same_batch_on_every_rank(tmp_path, monk
     assert steps.groupby("epoch").rank_batch.sum().tolist() == [256, 256, 256]  # every sample once per epoch
     assert result.epochs.global_batch.tolist() == expected
     assert result.epochs.epoch_s.iloc[1] > 2.5  # the epoch's time is the slowest rank's, on every rank
+    if name in ("score", "probe"):   # epochs.csv holds the scores the decisions came from
+        schedule = build_schedule(name, initial_batch=32, min_batch=2, **options)
+        history = [EpochSummary(int(e.epoch), int(e.global_batch), e.train_loss, e.epoch_s)
+                   for e in result.epochs.itertuples()]
+        scores = result.epochs.schedule_score.dropna().tolist()
+        assert scores == pytest.approx(schedule.epoch_scores(history)) and len(scores) == (2 if name == "probe" else 3)
+        if name == "probe":
+            assert scores[1] < scores[0]   # the stalled probe scored lower, so B went back to 32
 
 
 def test_max_rank_batch_caps_a_growing_schedule_instead_of_failing_mid_run(tmp_path):

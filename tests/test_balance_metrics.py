@@ -114,3 +114,11 @@ def test_runnable_ranks_counts_compute_without_the_emulated_sleep():
     assert runnable_ranks(table) == pytest.approx(0.55 / 0.5)
     with pytest.raises(ValueError, match="slowdown"):
         runnable_ranks(SPLIT_STEPS)
+
+
+def test_slowdown_segments_are_the_stretches_where_no_rank_changed_speed():
+    from dynbatch_core.balance_metrics import slowdown_segments
+    factors = [(1, 1)] * 3 + [(1, 3)] * 4 + [(1, 1)] * 2        # a trace 1 -> 3 -> 1 on rank 1
+    table = pd.DataFrame([{"step": step, "rank": rank, "slowdown": float(k[rank])}
+                          for step, k in enumerate(factors) for rank in (0, 1)])
+    assert slowdown_segments(table) == [(0, 3, (1.0, 1.0)), (3, 7, (1.0, 3.0)), (7, 9, (1.0, 1.0))]

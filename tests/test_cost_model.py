@@ -120,6 +120,7 @@ def test_a_training_run_fits_the_emulated_costs_exactly_and_trains_the_optimal_s
     result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=1, train_samples=320,
                            test_samples=32, batch_size=64, balancer="model", slowdown=(1.0, 3.0),
                            emulated_sample_ms=2.0, emulated_step_ms=10.0, progress=False, out=str(tmp_path / "m")))
+    assert result.steps.groupby("rank").slowdown.unique().map(list).tolist() == [[1.0], [3.0]]   # steps.csv says k
     last = result.steps[result.steps["step"] == 4].sort_values("rank")
     assert last["model_a_s"].tolist() == pytest.approx([0.010, 0.030])
     assert last["model_c_s"].tolist() == pytest.approx([0.002, 0.006])

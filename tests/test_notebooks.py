@@ -149,7 +149,8 @@ def test_save_figure_writes_png_and_csv_and_leaves_no_temporary_files(tmp_path):
 def test_probe_outcome_reports_a_dip_when_accuracy_falls_as_the_batch_drops_back():
     epochs = pd.DataFrame({"epoch": range(6), "global_batch": [16, 32, 64, 128, 16, 16],
                            "test_acc": [0.8, 0.85, 0.88, 0.9, 0.86, 0.91], "wall_s": range(1, 7),
-                           "train_loss": [0.5, 0.3, 0.25, 0.2, 0.22, 0.18], "epoch_s": 1.0})
+                           "train_loss": [0.5, 0.3, 0.25, 0.2, 0.22, 0.18], "epoch_s": 1.0,
+                           "schedule_score": [0.51, 0.4, 0.2, 0.2, None, None]})
     outcome = findings_module.probe_outcome(epochs, [16, 32, 64, 128])
     assert outcome["chosen_batch"] == 16 and outcome["dropped"] and outcome["dip_points"] == pytest.approx(4.0)
     findings, comparison = findings_module.describe_probe(epochs, [16, 32, 64, 128])
