@@ -31,7 +31,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core import RunConfig, run  # noqa: E402
-from dynbatch_core import balance_metrics as bm  # noqa: E402
+from dynbatch_core import analysis  # noqa: E402
 from dynbatch_core import plots  # noqa: E402
 from dynbatch_core.cost_model import AffineCost, min_max_split  # noqa: E402
 
@@ -76,9 +76,9 @@ def measure(result, part: str, label: str, repeat: int, segments=None) -> list[d
     for start, end in segments:
         steady_from = start + (end - start) // 2
         settle, swing, final = settle_and_swing(steps, start, end)
-        efficiency = bm.balance_efficiency(steps[(steps["step"] >= steady_from) & (steps["step"] < end)])
+        efficiency = analysis.balance_efficiency(steps[(steps["step"] >= steady_from) & (steps["step"] < end)])
         rows.append({"part": part, "run": label, "repeat": repeat, "segment_start": start,
-                     "samples_per_s": bm.steady_throughput(steps, steady_from, end),
+                     "samples_per_s": analysis.steady_throughput(steps, steady_from, end),
                      "settle_steps": settle, "swing_samples": swing, "final_split": final,
                      "efficiency": float(efficiency["efficiency"].median()), "load_avg": os.getloadavg()[0]})
     return rows

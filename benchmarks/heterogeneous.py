@@ -14,9 +14,9 @@ of a scenario; main scenarios 9 epochs x 2048 samples = 144 steps, sweep runs 8 
   4 ranks [1,1,1,1]      equal only: what 4 ranks on 2 cores cost (against sweep [1,1], 2 ranks)
   sweep [1,k]            k = 1, 2, 4, 8 on 2 ranks, for the speed-up figure (the [1,3] scenario adds k = 3)
 A factor k makes a rank sleep (k - 1) x its own forward+backward time (dynbatch_core/step.py); ceiling speed-up of
-the ideal split over the equal one = mean(speed)/min(speed), speed = 1/k (balance_metrics.ceiling_speedup).
+the ideal split over the equal one = mean(speed)/min(speed), speed = 1/k (analysis.ceiling_speedup).
 
-Per scenario and balancer (metric definitions in dynbatch_core/balance_metrics.py):
+Per scenario and balancer (metric definitions in dynbatch_core/analysis.py):
   samples/s        steady state: static scenarios over the second half of the steps, the trace over all its
                    steps (adaptation included); speed-up = that / equal's; of ceil = speed-up / ceiling
   efficiency       median of sum compute_i / (n max compute_i) over the steps after the split settled (or over
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import itertools
 import math
 import os
 import re
@@ -51,7 +50,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core import RunConfig, run  # noqa: E402
-from dynbatch_core import balance_metrics as bm  # noqa: E402
+from dynbatch_core import analysis, plots  # noqa: E402
 
 BALANCERS = ("equal", "dbs", "pid", "model")
 TOLERANCE = 0.05        # settled: every |b_i - target_i| <= 5 % of B/n
@@ -104,24 +103,24 @@ def analyse(scenario: Scenario, balancer: str, result) -> tuple[dict, pd.DataFra
     """One summary row and the run's steps table with an ideal_batch column added (from its slowdown column)."""
     steps = result.steps.copy()
     last, batch, ranks = int(steps["step"].max()), int(steps["global_batch"].iloc[0]), scenario.world_size
-    pieces = bm.slowdown_segments(steps)
+    pieces = analysis.slowdown_segments(steps)
     steady_from = (last + 1) // 2 if len(pieces) == 1 else 0  # static: second half; trace: the whole run
-    ideal = {start: bm.ideal_split(batch, factors) for start, _, factors in pieces}
+    ideal = {start: analysis.ideal_split(batch, factors) for start, _, factors in pieces}
     starts = [start for start, _, _ in pieces]
     steps["ideal_batch"] = [ideal[starts[bisect.bisect_right(starts, step) - 1]][rank]
                             for rank, step in zip(steps["rank"], steps["step"])]
-    efficiency = bm.balance_efficiency(steps).set_index("step")["efficiency"]
+    efficiency = analysis.balance_efficiency(steps).set_index("step")["efficiency"]
     settle, settle_ideal, settled, swings = [], [], [], []
     for start, end, _ in pieces:
         final = steps[steps["step"] >= end - FINAL_STEPS].query("step < @end").groupby("rank")["rank_batch"]
-        own = bm.settle_step(steps, start, final.median().tolist(), TOLERANCE, end)
-        to_ideal = bm.settle_step(steps, start, ideal[start], TOLERANCE, end)
+        own = analysis.settle_step(steps, start, final.median().tolist(), TOLERANCE, end)
+        to_ideal = analysis.settle_step(steps, start, ideal[start], TOLERANCE, end)
         settle.append(math.nan if own is None else own - start)
         settle_ideal.append(math.nan if to_ideal is None else to_ideal - start)
         # after settling; a split that settles late (or never) is judged over the segment's second half instead
         first = min(own if own is not None else end, start + (end - start) // 2)
         settled.append(efficiency.loc[first:end - 1])
-        swings.append(bm.oscillation(steps, first, end))
+        swings.append(analysis.oscillation(steps, first, end))
     final_split = steps[steps["step"] > last - FINAL_STEPS].groupby("rank")["rank_batch"].median().to_numpy()
     final_ideal = np.asarray(ideal[pieces[-1][0]])
     epochs = result.epochs.assign(first_step=result.epochs["steps"].cumsum() - result.epochs["steps"])
@@ -130,7 +129,7 @@ def analyse(scenario: Scenario, balancer: str, result) -> tuple[dict, pd.DataFra
         "scenario": scenario.name, "kind": scenario.kind, "balancer": balancer, "world_size": ranks,
         "slowdown": ",".join(f"{k:g}" for k in scenario.slowdown) if scenario.slowdown else scenario.trace,
         "slowest": max(max(f) for _, _, f in pieces), "steps": last + 1, "steady_from": steady_from,
-        "samples_per_s": bm.steady_throughput(steps, steady_from),
+        "samples_per_s": analysis.steady_throughput(steps, steady_from),
         "wall_samples_per_s": steady_epochs["samples"].sum() / steady_epochs["epoch_s"].sum(),
         "ceiling": _ceiling(pieces),
         "efficiency_median": float(pd.concat(settled).median()),
@@ -142,7 +141,7 @@ def analyse(scenario: Scenario, balancer: str, result) -> tuple[dict, pd.DataFra
         "final_split": "/".join(f"{b:g}" for b in final_split),
         "ideal_split": "/".join(f"{b:.1f}" for b in final_ideal),
         "split_error": float(np.abs(final_split - final_ideal).max() / (batch / ranks)),
-        "runnable_ranks": bm.runnable_ranks(steps[steps["step"] >= steady_from]),
+        "runnable_ranks": analysis.runnable_ranks(steps[steps["step"] >= steady_from]),
         "final_test_acc": float(result.epochs["test_acc"].iloc[-1]),
         "wall_s": float(result.epochs["wall_s"].iloc[-1]),
     }
@@ -158,14 +157,15 @@ def _worst(settle: list[float], pieces) -> float:
 def _ceiling(pieces) -> float:
     """Speed-up ceiling over the whole run: equal split's summed step time / ideal split's (per-sample cost model)."""
     equal = sum((end - start) * max(f) for start, end, f in pieces)
-    ideal = sum((end - start) * max(f) / bm.ceiling_speedup(f) for start, end, f in pieces)
+    ideal = sum((end - start) * max(f) / analysis.ceiling_speedup(f) for start, end, f in pieces)
     return equal / ideal
 
 
 def add_ratios(summary: pd.DataFrame, acc_target: float, runs: dict) -> pd.DataFrame:
     summary = summary.copy()
-    summary["t_acc_s"] = [bm.time_to_accuracy(runs[(s, b)].epochs, acc_target)
-                          for s, b in zip(summary["scenario"], summary["balancer"])]
+    epochs = analysis.tag_runs({f"{s} {b}": result.epochs for (s, b), result in runs.items()})
+    reach = analysis.time_to_reach(epochs, "test_acc", acc_target, lower_is_better=False).set_index("run")
+    summary["t_acc_s"] = [reach.loc[f"{s} {b}", "time_s"] for s, b in zip(summary["scenario"], summary["balancer"])]
     summary["acc_target"] = acc_target
     base = summary[summary["balancer"] == "equal"].set_index("scenario")
     summary["speedup"] = summary["samples_per_s"] / summary["scenario"].map(base["samples_per_s"])
@@ -176,83 +176,26 @@ def add_ratios(summary: pd.DataFrame, acc_target: float, runs: dict) -> pd.DataF
 
 
 def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, setting: str) -> list[Path]:
+    """Through dynbatch_core.plots, the notebooks' figures: per main scenario the per-rank batches (ideal b ∝ 1/k
+    dotted) and the balance efficiency of each balancer; the 2-rank speed-up against k."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    from matplotlib.lines import Line2D
-
-    main = list(dict.fromkeys(summary.loc[summary["kind"] == "main", "scenario"]))
     paths = []
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-        colours = sns.color_palette("colorblind", 8)
-        fig, axes = plt.subplots(1, len(main), figsize=(5.2 * len(main), 5.4), squeeze=False)
-        for ax, scenario in zip(axes[0], main):
-            part = steps[steps["scenario"] == scenario]
-            handles = []
-            for rank in sorted(part["rank"].unique()):
-                mine = part[part["rank"] == rank]
-                ideal = mine[mine["balancer"] == mine["balancer"].iloc[0]]
-                ax.plot(ideal["step"], ideal["ideal_batch"], color=colours[rank], linestyle=":", linewidth=1.2,
-                        drawstyle="steps-post")
-                for balancer, style in (("pid", "-"), ("dbs", "--"), ("model", "-.")):
-                    line = mine[mine["balancer"] == balancer]
-                    ax.plot(line["step"], line["rank_batch"], color=colours[rank], linestyle=style, linewidth=1.6,
-                            drawstyle="steps-post")
-                ks = [k for k, _ in itertools.groupby(ideal["slowdown"])]
-                handles.append(Line2D([], [], color=colours[rank], label=f"rank {rank}, k = "
-                                      + "→".join(f"{k:g}" for k in ks)))
-            handles += [Line2D([], [], color="0.3", linestyle=style, label=label) for style, label in
-                        (("-", "pid"), ("--", "dbs"), ("-.", "model"), (":", "ideal b ∝ 1/k"))]
-            ax.set(title=scenario, xlabel="training step", ylabel="per-rank batch size (samples)", ylim=(0, None))
-            ax.legend(handles=handles, fontsize="x-small", ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
-        fig.suptitle(f"Per-rank batch size under emulated slow ranks ({setting})")
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / "heterogeneous_batches.png"))
-
-        fig, axes = plt.subplots(1, len(main), figsize=(5.2 * len(main), 4.4), squeeze=False, sharey=True)
-        for ax, scenario in zip(axes[0], main):
-            for colour, balancer in zip(colours, BALANCERS):
-                part = steps[(steps["scenario"] == scenario) & (steps["balancer"] == balancer)]
-                if part.empty:
-                    continue
-                eff = bm.balance_efficiency(part)
-                ax.plot(eff["step"], eff["efficiency"], color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(eff["step"], eff["efficiency"].rolling(5, min_periods=1).mean(), color=colour,
-                        linewidth=2, label=f"{balancer} (5-step mean)")
-            ax.axhline(0.95, color="0.3", linestyle="--", linewidth=1, label="target 0.95")
-            ax.set(title=scenario, xlabel="training step", ylim=(0, 1.05))
-            ax.legend(fontsize="x-small", loc="lower right")
-        axes[0][0].set_ylabel("balance efficiency Σ c_i / (n · max c_i)")
-        fig.suptitle(f"Balance efficiency per step ({setting})")
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / "heterogeneous_efficiency.png"))
-
-        two = summary[(summary["world_size"] == 2) & summary["scenario"].str.contains(r"\[1,")]
-        fig, ax = plt.subplots(figsize=(9.5, 4.8))
-        ks = np.array(sorted(two["slowest"].unique()), float)
-        ax.plot(ks, (ks + 1) / 2, color="0.3", linestyle="--", marker="_", markersize=12,
-                label="ceiling (k+1)/2 = mean(speed)/min(speed)")
-        for colour, balancer in zip(colours, BALANCERS):
-            part = two[two["balancer"] == balancer].sort_values("slowest")
-            ax.plot(part["slowest"], part["speedup"], color=colour, marker="o", label=balancer)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [f"{k:g}×" for k in ks])
-        ax.set(xlabel="slowdown k of the slower of 2 ranks (× slower)",
-               ylabel="speed-up over equal split (× samples/s)",
-               ylim=(0, max((ks.max() + 1) / 2, two["speedup"].max()) * 1.1),
-               title=f"Speed-up vs slowdown, 2 ranks ({setting})\n"
-                     "k = 3 from the 144-step [1,3] runs, other k from 80-step sweep runs")
-        ax.title.set_fontsize("small")
-        ax.legend(title="balancer", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / "heterogeneous_speedup.png"))
+    for scenario in dict.fromkeys(summary.loc[summary["kind"] == "main", "scenario"]):
+        part = steps[steps["scenario"] == scenario].rename(columns={"balancer": "run"})
+        slug = re.sub(r"[^a-z0-9]+", "-", scenario.lower()).strip("-")
+        fig = plots.rank_batches_over_steps(part[part["run"] != "equal"],
+                                            title=f"Per-rank batch size, {scenario} ({setting}); dotted: b ∝ 1/k")
+        paths.append(plots.save_figure(fig, f"heterogeneous_batches_{slug}", part, out_dir)["png"])
+        fig = plots.balance_efficiency_over_steps(part, title=f"Balance efficiency per step, {scenario} ({setting})",
+                                                  window=5)
+        paths.append(plots.save_figure(fig, f"heterogeneous_efficiency_{slug}", part, out_dir)["png"])
+    two = summary[(summary["world_size"] == 2) & summary["scenario"].str.contains(r"\[1,")]
+    fig = plots.speedup_vs_slowdown(two[["slowest", "balancer", "speedup", "ceiling"]],
+                                    title=f"Speed-up vs slowdown, 2 ranks ({setting}); k = 3 from the 144-step "
+                                          "[1,3] runs, other k from 80-step sweep runs")
+    paths.append(plots.save_figure(fig, "heterogeneous_speedup", two, out_dir)["png"])
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
 
 
 def print_summary(summary: pd.DataFrame) -> None:

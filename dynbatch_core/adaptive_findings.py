@@ -18,7 +18,7 @@ import pandas as pd
 
 from .critical_batch import CriticalBatchFit, with_emulated_time
 from .metrics import RunResult
-from .plots import time_to_reach
+from .analysis import time_to_reach
 
 GOODPUT_TOLERANCE = 1.1   # goodput may take this many times the best static batch's time
 CLOCKS = {"emulated_s": "emulated GPU-like time", "wall_s": "measured CPU time"}

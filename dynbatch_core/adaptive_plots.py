@@ -15,7 +15,8 @@ import pandas as pd
 from matplotlib import ticker
 
 from .critical_batch import CriticalBatchFit
-from .plots import BATCH_LABEL, _palette, _runs, _theme
+from .analysis import run_labels as _runs
+from .plots import BATCH_LABEL, _palette, _theme
 
 NOISE_LABEL = "noise scale B_simple = tr(Σ) / |G|²  (samples)"
 SAMPLES_LABEL = "training samples seen"

@@ -103,7 +103,7 @@ def timing_noise(epochs: pd.DataFrame, threshold: float = 1.2) -> tuple[float, s
 def describe_accuracy_race(epochs: pd.DataFrame, *, noise: bool = True) -> list[str]:
     """Final accuracies and the time each run needed to reach the lowest of them; noise: add `timing_noise`'s
     sentence (only meaningful when runs with the same global batch should run equally fast)."""
-    from .plots import time_to_reach
+    from .analysis import time_to_reach
     finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
     findings = ["Global batch per epoch: " + "; ".join(
         f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + "."]
@@ -126,7 +126,7 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
 
     Time to a loss = samples needed / samples per second, so the sentence says which of the two decided it.
     """
-    from .plots import time_to_reach
+    from .analysis import time_to_reach
     finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
     target = float(finals["train_loss"].max())
     reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True).sort_values("time_s")
@@ -201,8 +201,7 @@ def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
 def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Sequence[float],
                        emulated_sample_ms: float | None = None) -> dict[str, list[str]]:
     """Sentences for the heterogeneous notebook's rank_batches, balance_efficiency and speedup figures."""
-    from .balance_metrics import ceiling_speedup
-    from .plots import efficiency_table
+    from .analysis import ceiling_speedup, efficiency_table
     speeds = [1.0 / k for k in slowdown]
     ideal = [round(s / sum(speeds), 2) for s in speeds]
     splits = [f"{run} {split}" for run, split in last_full_split(steps).items()]
@@ -242,7 +241,7 @@ def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Se
 
 def describe_fit(steps: pd.DataFrame) -> list[str]:
     """Sentences for the fitted-step-time figure: how closely the model balancer's lines predict each rank."""
-    from .plots import fitted_step_time_table
+    from .analysis import fitted_step_time_table
     table = fitted_step_time_table(steps)
     if table.empty:
         return ["No run used the model balancer."]

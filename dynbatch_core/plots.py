@@ -1,7 +1,7 @@
 """Figures for the notebooks and the report: functions `DataFrame -> matplotlib Figure`, plus the metrics behind them.
 
-    from dynbatch_core import plots
-    epochs = plots.tag_runs({"static": static.epochs, "loss-plateau": dynamic.epochs})   # adds a 'run' column
+    from dynbatch_core import analysis, plots
+    epochs = analysis.tag_runs({"static": static.epochs, "loss-plateau": dynamic.epochs})   # adds a 'run' column
     fig = plots.accuracy_vs_time(epochs, title="MNIST, 2 ranks")
     plots.save_figure(fig, "2gpu__accuracy_vs_time", epochs, "outputs/figures")        # PNG + CSV, atomically
 
@@ -9,26 +9,24 @@ Tables are the run folder's tidy tables (metrics.STEP_COLUMNS, metrics.EPOCH_COL
 the curve. Every function draws inside one seaborn theme (`_theme`, a context manager: importing this module changes
 no global matplotlib state). Times are `wall_s`: cumulative training seconds, evaluation excluded.
 
-Table helpers for the figures live here too: `efficiency_table` (balance_metrics.balance_efficiency per run),
-`speedup_table`, `time_to_reach`; the per-run metric definitions are in balance_metrics.py.
+The tables the figures draw (per-run efficiency, speed-up, fitted step time, time to reach) come from analysis.py.
 """
 from __future__ import annotations
 
-import math
+import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib import ticker
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from cycler import cycler
 
-from .balance_metrics import balance_efficiency, ceiling_speedup
+from .analysis import efficiency_table, fitted_step_time_table, run_labels as _runs
 from .metrics import write_atomic
 
 TIME_LABEL = "wall time (s, training only)"
@@ -56,25 +54,6 @@ def _theme():
 def _palette(labels: Sequence[str]) -> dict:
     """One colour per label: the colour-blind palette while it has enough (10), else tab20, so none repeats."""
     return dict(zip(labels, sns.color_palette("colorblind" if len(labels) <= 10 else "tab20", len(labels))))
-
-
-def _runs(table: pd.DataFrame) -> list[str]:
-    """Run labels in order of first appearance (the order the notebook ran them)."""
-    if "run" not in table:
-        raise ValueError("the table needs a 'run' column naming each curve (see plots.tag_runs)")
-    return list(dict.fromkeys(table["run"]))
-
-
-def tag_runs(tables: Mapping[str, pd.DataFrame], **columns: Mapping[str, object]) -> pd.DataFrame:
-    """One table from {run label: table}, with a 'run' column first; `columns` adds more per-run columns."""
-    parts = []
-    for label, table in tables.items():
-        part = table.copy()
-        for name, values in reversed(list(columns.items())):
-            part.insert(0, name, [values[label]] * len(part))
-        part.insert(0, "run", label)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
 
 
 def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs training time",
@@ -163,10 +142,13 @@ def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs trainin
 
 def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch size over training",
                             slowdown: Sequence[float] | None = None) -> plt.Figure:
-    """Each rank's batch size at every step, one panel per run (balancer); `slowdown` labels rank i with k_i."""
+    """Each rank's batch size at every step, one panel per run (balancer). Rank i is labelled with its k_i from
+    `slowdown`, else from the table's slowdown column (k_i over time, e.g. 1→3→1); an `ideal_batch` column is drawn
+    dotted."""
     runs = _runs(steps)
     ranks = sorted(steps["rank"].unique())
-    names = {r: f"rank {r}" + (f" (k={slowdown[r]:g})" if slowdown is not None else "") for r in ranks}
+    names = {r: f"rank {r}" + (f" (k={_factors(steps, r, slowdown)})" if slowdown is not None or "slowdown" in steps
+                               else "") for r in ranks}
     colours = _palette(list(names.values()))
     with _theme():
         fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 4.2), sharey=True, squeeze=False)
@@ -175,7 +157,10 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
             for rank in ranks:
                 mine = part[part["rank"] == rank]
                 ax.plot(mine["step"], mine["rank_batch"], color=colours[names[rank]], label=names[rank],
-                        linewidth=1.4)
+                        linewidth=1.4, drawstyle="steps-post")
+                if "ideal_batch" in mine:
+                    ax.plot(mine["step"], mine["ideal_batch"], color=colours[names[rank]], linestyle=":",
+                            linewidth=1.2, drawstyle="steps-post")
             ax.set_title(run)
             ax.set_xlabel(STEP_LABEL)
         axes[0][0].set_ylabel(RANK_BATCH_LABEL)
@@ -185,21 +170,19 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
     return fig
 
 
-def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """balance_metrics.balance_efficiency for each run: columns run, epoch, step, global_batch, efficiency."""
-    parts = []
-    for run in _runs(steps):
-        part = steps[steps["run"] == run]
-        per_step = part.groupby("step", sort=True)[["epoch", "global_batch"]].first().reset_index()
-        parts.append(per_step.merge(balance_efficiency(part), on="step").assign(run=run))
-    return pd.concat(parts, ignore_index=True)[["run", "epoch", "step", "global_batch", "efficiency"]]
+def _factors(steps: pd.DataFrame, rank: int, slowdown: Sequence[float] | None) -> str:
+    if slowdown is not None:
+        return f"{slowdown[rank]:g}"
+    first_run = steps[steps["run"] == _runs(steps)[0]]
+    mine = first_run[first_run["rank"] == rank].sort_values("step")["slowdown"]
+    return "→".join(f"{k:g}" for k, _ in itertools.groupby(mine))
 
 
 def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance efficiency over training",
                                   window: int = 10) -> plt.Figure:
     """Balance efficiency per step (thin) and its centred `window`-step rolling mean (thick), one colour per run.
 
-    Efficiency = Σ_i compute_i / (n · max_i compute_i) (balance_metrics.balance_efficiency): 1 = nobody waited.
+    Efficiency = Σ_i compute_i / (n · max_i compute_i) (analysis.balance_efficiency): 1 = nobody waited.
     """
     table = efficiency_table(steps)
     runs = _runs(table)
@@ -218,16 +201,6 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
         ax.legend(title=f"balancer ({window}-step mean)", loc="lower right")
         fig.tight_layout()
     return fig
-
-
-def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Rows of runs whose balancer fits step-time lines (model_a_s, model_c_s), with `fitted_s` = a + c · b: the
-    line as fitted after the step (it includes that step's point)."""
-    if "model_a_s" not in steps.columns:
-        return steps.iloc[0:0].assign(fitted_s=[])
-    table = steps.dropna(subset=["model_a_s", "model_c_s"]).copy()
-    table["fitted_s"] = table["model_a_s"] + table["model_c_s"] * table["rank_batch"]
-    return table
 
 
 def fitted_step_time(steps: pd.DataFrame, *, title: str = "Measured vs fitted compute time per step") -> plt.Figure:
@@ -253,31 +226,6 @@ def fitted_step_time(steps: pd.DataFrame, *, title: str = "Measured vs fitted co
     return fig
 
 
-def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
-    """Speed-up of each balancer over `baseline` at each slowdown, from the last epoch's samples/s.
-
-    `epochs` needs columns balancer, slowest (the slowest rank's k), slowdown (the whole vector, as text or tuple),
-    epoch and samples_per_s. The last epoch is used so that a balancer that adapts after the first epoch (dbs) is
-    measured once it has adapted. Columns out: slowest, slowdown, balancer, samples_per_s, speedup, ceiling.
-    """
-    last = epochs.sort_values("epoch").groupby(["slowest", "balancer"], sort=False).tail(1)
-    rows = []
-    for slowest, group in last.groupby("slowest"):
-        base = group.loc[group["balancer"] == baseline, "samples_per_s"]
-        if base.empty:
-            continue
-        slowdown = group["slowdown"].iloc[0]
-        vector = [float(k) for k in (slowdown.split(",") if isinstance(slowdown, str) else slowdown)]
-        for row in group.itertuples():
-            rows.append({"slowest": slowest, "slowdown": slowdown, "balancer": row.balancer,
-                         "samples_per_s": row.samples_per_s, "speedup": row.samples_per_s / base.iloc[0],
-                         "ceiling": ceiling_speedup(vector)})
-    order = {name: i for i, name in enumerate(dict.fromkeys(epochs["balancer"]))}  # as the notebook ran them
-    table = pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
-    return table.sort_values(["slowest", "balancer"], key=lambda col: col.map(order) if col.name == "balancer"
-                             else col, ignore_index=True)
-
-
 def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balancing vs the slowest rank's slowdown"
                         ) -> plt.Figure:
     """Speed-up over the equal split (from `speedup_table`) against k, with the ceiling mean(speed)/min(speed)."""
@@ -301,32 +249,6 @@ def speedup_vs_slowdown(table: pd.DataFrame, *, title: str = "Speed-up of balanc
         ax.legend(title="balancer", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         fig.tight_layout()
     return fig
-
-
-def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool,
-                  time_column: str = "wall_s") -> pd.DataFrame:
-    """Per run: the training seconds (`time_column`) and samples at which `column` first reaches `target`.
-
-    Linear interpolation between epoch ends; reached during the first epoch counts at that epoch's end. Columns:
-    run, time_s, samples (NaN where never reached).
-    """
-    rows = []
-    for run in _runs(epochs):
-        part = epochs[epochs["run"] == run]
-        values = part[column].to_numpy(float)
-        times = part[time_column].to_numpy(float)
-        samples = part["samples"].cumsum().to_numpy(float)
-        reached = values <= target if lower_is_better else values >= target
-        time_s = seen = math.nan
-        if reached.any():
-            j = int(np.argmax(reached))
-            time_s, seen = times[j], samples[j]
-            if j > 0 and values[j] != values[j - 1]:
-                fraction = (target - values[j - 1]) / (values[j] - values[j - 1])
-                time_s = times[j - 1] + fraction * (times[j] - times[j - 1])
-                seen = samples[j - 1] + fraction * (samples[j] - samples[j - 1])
-        rows.append({"run": run, "time_s": time_s, "samples": seen})
-    return pd.DataFrame(rows, columns=["run", "time_s", "samples"])
 
 
 def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:

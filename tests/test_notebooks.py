@@ -5,7 +5,6 @@ through papermill with small injected parameters (slow), asserting the numbers e
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import nbformat
@@ -108,33 +107,6 @@ def test_4gpu_checked_output_is_the_schedule_its_defaults_imply():
 
 
 # -------------------------------------------------------------------------------------- helpers behind figures
-
-
-def test_efficiency_table_keeps_runs_apart_and_carries_epoch_and_global_batch():
-    steps = pd.DataFrame({"run": ["equal"] * 4 + ["dbs"] * 2, "epoch": [0, 0, 1, 1, 0, 0],
-                          "step": [0, 0, 1, 1, 0, 0], "rank": [0, 1, 0, 1, 0, 1], "global_batch": 64,
-                          "compute_s": [0.1, 0.3, 0.2, 0.2, 0.3, 0.3]})
-    table = plots.efficiency_table(steps)
-    assert table[["run", "epoch", "step"]].values.tolist() == [["equal", 0, 0], ["equal", 1, 1], ["dbs", 0, 0]]
-    assert table["efficiency"].tolist() == pytest.approx([(0.1 + 0.3) / (2 * 0.3), 1.0, 1.0])
-
-
-def test_time_to_reach_interpolates_between_epoch_ends_and_is_nan_when_never_reached():
-    epochs = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 2, "train_loss": [1.0, 0.5, 0.3, 2.0, 1.5],
-                           "wall_s": [10.0, 20.0, 30.0, 5.0, 10.0], "samples": [100] * 5})
-    reach = plots.time_to_reach(epochs, "train_loss", 0.4, lower_is_better=True).set_index("run")
-    assert reach.loc["a", "time_s"] == pytest.approx(25.0)
-    assert reach.loc["a", "samples"] == pytest.approx(250.0)
-    assert math.isnan(reach.loc["b", "time_s"])
-
-
-def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
-    epochs = pd.DataFrame({"balancer": ["equal", "equal", "dbs", "dbs"], "slowest": 3, "slowdown": "1,3",
-                           "epoch": [0, 1, 0, 1], "samples_per_s": [100.0, 110.0, 100.0, 198.0]})
-    table = plots.speedup_table(epochs).set_index("balancer")
-    assert table.loc["dbs", "speedup"] == pytest.approx(1.8)
-    assert table.loc["equal", "speedup"] == pytest.approx(1.0)
-    assert table.loc["dbs", "ceiling"] == pytest.approx(2.0)
 
 
 def test_save_figure_writes_png_and_csv_and_leaves_no_temporary_files(tmp_path):

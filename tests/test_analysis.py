@@ -1,12 +1,12 @@
-"""balance_metrics on small hand-made steps/epochs tables with numbers worked out by hand."""
+"""analysis.py on small hand-made steps/epochs tables with numbers worked out by hand."""
 import math
 
 import pandas as pd
 import pytest
 
-from dynbatch_core.balance_metrics import (balance_efficiency, ceiling_speedup, ideal_split, oscillation,
-                                           runnable_ranks, settle_step, step_times, steady_throughput,
-                                           time_to_accuracy)
+from dynbatch_core.analysis import (balance_efficiency, ceiling_speedup, efficiency_table, ideal_split,
+                                    oscillation, runnable_ranks, settle_step, slowdown_segments, speedup_table,
+                                    step_times, steady_throughput, time_to_reach)
 
 
 def steps_table(rows):
@@ -97,15 +97,6 @@ def test_steady_throughput_is_samples_over_summed_step_times():
     assert math.isnan(steady_throughput(SPLIT_STEPS, after_step=9))
 
 
-def test_time_to_accuracy_is_wall_time_of_first_epoch_at_target():
-    epochs = pd.DataFrame({"epoch": [0, 1, 2, 3], "test_acc": [0.5, 0.88, 0.92, 0.91],
-                           "wall_s": [10.0, 20.0, 30.0, 40.0]})
-    assert time_to_accuracy(epochs, 0.9) == 30.0
-    assert time_to_accuracy(epochs, 0.88) == 20.0
-    assert time_to_accuracy(epochs, 0.5) == 10.0
-    assert math.isnan(time_to_accuracy(epochs, 0.95))
-
-
 def test_runnable_ranks_counts_compute_without_the_emulated_sleep():
     table = steps_table([(0, 0, 6, 0.2, 0.1), (0, 1, 2, 0.3, 0.0),
                          (1, 0, 6, 0.2, 0.0), (1, 1, 2, 0.15, 0.05)])
@@ -117,8 +108,34 @@ def test_runnable_ranks_counts_compute_without_the_emulated_sleep():
 
 
 def test_slowdown_segments_are_the_stretches_where_no_rank_changed_speed():
-    from dynbatch_core.balance_metrics import slowdown_segments
     factors = [(1, 1)] * 3 + [(1, 3)] * 4 + [(1, 1)] * 2        # a trace 1 -> 3 -> 1 on rank 1
     table = pd.DataFrame([{"step": step, "rank": rank, "slowdown": float(k[rank])}
                           for step, k in enumerate(factors) for rank in (0, 1)])
     assert slowdown_segments(table) == [(0, 3, (1.0, 1.0)), (3, 7, (1.0, 3.0)), (7, 9, (1.0, 1.0))]
+
+
+def test_efficiency_table_keeps_runs_apart_and_carries_epoch_and_global_batch():
+    steps = pd.DataFrame({"run": ["equal"] * 4 + ["dbs"] * 2, "epoch": [0, 0, 1, 1, 0, 0],
+                          "step": [0, 0, 1, 1, 0, 0], "rank": [0, 1, 0, 1, 0, 1], "global_batch": 64,
+                          "compute_s": [0.1, 0.3, 0.2, 0.2, 0.3, 0.3]})
+    table = efficiency_table(steps)
+    assert table[["run", "epoch", "step"]].values.tolist() == [["equal", 0, 0], ["equal", 1, 1], ["dbs", 0, 0]]
+    assert table["efficiency"].tolist() == pytest.approx([(0.1 + 0.3) / (2 * 0.3), 1.0, 1.0])
+
+
+def test_time_to_reach_interpolates_between_epoch_ends_and_is_nan_when_never_reached():
+    epochs = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 2, "train_loss": [1.0, 0.5, 0.3, 2.0, 1.5],
+                           "wall_s": [10.0, 20.0, 30.0, 5.0, 10.0], "samples": [100] * 5})
+    reach = time_to_reach(epochs, "train_loss", 0.4, lower_is_better=True).set_index("run")
+    assert reach.loc["a", "time_s"] == pytest.approx(25.0)
+    assert reach.loc["a", "samples"] == pytest.approx(250.0)
+    assert math.isnan(reach.loc["b", "time_s"])
+
+
+def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
+    epochs = pd.DataFrame({"balancer": ["equal", "equal", "dbs", "dbs"], "slowest": 3, "slowdown": "1,3",
+                           "epoch": [0, 1, 0, 1], "samples_per_s": [100.0, 110.0, 100.0, 198.0]})
+    table = speedup_table(epochs).set_index("balancer")
+    assert table.loc["dbs", "speedup"] == pytest.approx(1.8)
+    assert table.loc["equal", "speedup"] == pytest.approx(1.0)
+    assert table.loc["dbs", "ceiling"] == pytest.approx(2.0)

@@ -1,15 +1,16 @@
-"""How well a balancer split the global batch: pure functions on a run's steps.csv / epochs.csv tables.
+"""The metrics of the notebooks, figures and benchmarks: pure functions on a run's steps.csv / epochs.csv tables
+(with a `run` column when they hold several runs; tag_runs adds it).
 
     from dynbatch_core import read_run
-    from dynbatch_core.balance_metrics import (balance_efficiency, ideal_split, settle_step, oscillation,
-                                               steady_throughput, time_to_accuracy, ceiling_speedup)
+    from dynbatch_core.analysis import (balance_efficiency, ideal_split, settle_step, oscillation,
+                                        steady_throughput, time_to_reach, ceiling_speedup)
     run = read_run("runs/pid-1-3")
     ideal = ideal_split(128, [1, 3])                        # [96.0, 32.0]: b_i proportional to 1/k_i
     settled = settle_step(run.steps, change_step=0, ideal=ideal)   # first step from which every b_i stays close
     balance_efficiency(run.steps)                            # one row per step: step, efficiency
     oscillation(run.steps, after_step=settled)               # largest (max b_i - min b_i) / mean b_i
     steady_throughput(run.steps, after_step=48)              # samples/s over steps >= 48
-    time_to_accuracy(run.epochs, target=0.9)                 # training seconds of the first epoch with acc >= 0.9
+    time_to_reach(tag_runs({"pid": run.epochs}), "test_acc", 0.9, lower_is_better=False)   # seconds, samples
     ceiling_speedup([1, 3])                                  # 2.0 = mean(speed) / min(speed), speed = 1/k
 
 Definitions (n ranks, B the global batch, b_i rank i's batch, k_i its slowdown):
@@ -25,12 +26,15 @@ Definitions (n ranks, B the global batch, b_i rank i's batch, k_i its slowdown):
                       the rank that started first measured the longest interval. It leaves out data loading and
                       the optimizer step (a few ms), so steady_throughput is a slight over-estimate of wall-clock
                       samples/s (epochs.csv's samples_per_s includes everything, per epoch).
+  time to reach       the training seconds (and samples) at which a metric first reaches a target, interpolated
+                      linearly between the epoch ends where it is measured (time_to_reach: the one definition).
+  speed-up            samples/s of a balancer over the equal split's at the same slowdown, last epoch.
 Windows are half-open step ranges [after_step, end_step); end_step None means to the last step.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -112,15 +116,6 @@ def steady_throughput(steps: pd.DataFrame, after_step: int = 0, end_step: int | 
     return float(samples / step_times(window).sum())
 
 
-def time_to_accuracy(epochs: pd.DataFrame, target: float) -> float:
-    """wall_s (training seconds, evaluation excluded) at the end of the first epoch whose test_acc >= target.
-
-    Accuracy is only measured at epoch ends, so nothing is interpolated: NaN if no epoch reached the target.
-    """
-    reached = epochs[epochs["test_acc"] >= target]
-    return float(reached["wall_s"].iloc[0]) if not reached.empty else math.nan
-
-
 def runnable_ranks(steps: pd.DataFrame) -> float:
     """Mean number of ranks computing (not sleeping, not waiting) per second of step time.
 
@@ -145,3 +140,93 @@ def slowdown_segments(steps: pd.DataFrame) -> list[tuple[int, int, tuple[float, 
             segments.append((int(step_ids[start]), int(step_ids[i - 1]) + 1, rows[start]))
             start = i
     return segments
+
+
+def run_labels(table: pd.DataFrame) -> list[str]:
+    """Run labels in order of first appearance (the order the notebook ran them)."""
+    if "run" not in table:
+        raise ValueError("the table needs a 'run' column naming each curve (see tag_runs)")
+    return list(dict.fromkeys(table["run"]))
+
+
+def tag_runs(tables: Mapping[str, pd.DataFrame], **columns: Mapping[str, object]) -> pd.DataFrame:
+    """One table from {run label: table}, with a 'run' column first; `columns` adds more per-run columns."""
+    parts = []
+    for label, table in tables.items():
+        part = table.copy()
+        for name, values in reversed(list(columns.items())):
+            part.insert(0, name, [values[label]] * len(part))
+        part.insert(0, "run", label)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """balance_efficiency for each run: columns run, epoch, step, global_batch, efficiency."""
+    parts = []
+    for run in run_labels(steps):
+        part = steps[steps["run"] == run]
+        per_step = part.groupby("step", sort=True)[["epoch", "global_batch"]].first().reset_index()
+        parts.append(per_step.merge(balance_efficiency(part), on="step").assign(run=run))
+    return pd.concat(parts, ignore_index=True)[["run", "epoch", "step", "global_batch", "efficiency"]]
+
+
+def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
+    """Speed-up of each balancer over `baseline` at each slowdown, from the last epoch's samples/s.
+
+    `epochs` needs columns balancer, slowest (the slowest rank's k), slowdown (the whole vector, as text or tuple),
+    epoch and samples_per_s. The last epoch is used so that a balancer that adapts after the first epoch (dbs) is
+    measured once it has adapted. Columns out: slowest, slowdown, balancer, samples_per_s, speedup, ceiling.
+    """
+    last = epochs.sort_values("epoch").groupby(["slowest", "balancer"], sort=False).tail(1)
+    rows = []
+    for slowest, group in last.groupby("slowest"):
+        base = group.loc[group["balancer"] == baseline, "samples_per_s"]
+        if base.empty:
+            continue
+        slowdown = group["slowdown"].iloc[0]
+        vector = [float(k) for k in (slowdown.split(",") if isinstance(slowdown, str) else slowdown)]
+        for row in group.itertuples():
+            rows.append({"slowest": slowest, "slowdown": slowdown, "balancer": row.balancer,
+                         "samples_per_s": row.samples_per_s, "speedup": row.samples_per_s / base.iloc[0],
+                         "ceiling": ceiling_speedup(vector)})
+    order = {name: i for i, name in enumerate(dict.fromkeys(epochs["balancer"]))}  # as the notebook ran them
+    table = pd.DataFrame(rows, columns=["slowest", "slowdown", "balancer", "samples_per_s", "speedup", "ceiling"])
+    return table.sort_values(["slowest", "balancer"], key=lambda col: col.map(order) if col.name == "balancer"
+                             else col, ignore_index=True)
+
+
+def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs whose balancer fits step-time lines (model_a_s, model_c_s), with `fitted_s` = a + c · b: the
+    line as fitted after the step (it includes that step's point)."""
+    if "model_a_s" not in steps.columns:
+        return steps.iloc[0:0].assign(fitted_s=[])
+    table = steps.dropna(subset=["model_a_s", "model_c_s"]).copy()
+    table["fitted_s"] = table["model_a_s"] + table["model_c_s"] * table["rank_batch"]
+    return table
+
+
+def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool,
+                  time_column: str = "wall_s") -> pd.DataFrame:
+    """Per run: the training seconds (`time_column`) and samples at which `column` first reaches `target`.
+
+    Linear interpolation between epoch ends; reached during the first epoch counts at that epoch's end. Columns:
+    run, time_s, samples (NaN where never reached).
+    """
+    rows = []
+    for run in run_labels(epochs):
+        part = epochs[epochs["run"] == run]
+        values = part[column].to_numpy(float)
+        times = part[time_column].to_numpy(float)
+        samples = part["samples"].cumsum().to_numpy(float)
+        reached = values <= target if lower_is_better else values >= target
+        time_s = seen = math.nan
+        if reached.any():
+            j = int(np.argmax(reached))
+            time_s, seen = times[j], samples[j]
+            if j > 0 and values[j] != values[j - 1]:
+                fraction = (target - values[j - 1]) / (values[j] - values[j - 1])
+                time_s = times[j - 1] + fraction * (times[j] - times[j - 1])
+                seen = samples[j - 1] + fraction * (samples[j] - samples[j - 1])
+        rows.append({"run": run, "time_s": time_s, "samples": seen})
+    return pd.DataFrame(rows, columns=["run", "time_s", "samples"])
