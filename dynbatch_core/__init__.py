@@ -8,7 +8,8 @@ Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_b
 (step.py), wrap_ddp (ddp_step.py), planned_loader (loader.py), the balancers (balancers.py) and schedules (schedules.py), decided_by_rank0 (agreement.py).
 """
 from .agreement import check_ranks_agree, decided_by_rank0
-from .balancers import BALANCERS, Balancer, build_balancer, largest_remainder_split
+from .balancer_base import Balancer, largest_remainder_split
+from .balancers import BALANCERS, build_balancer
 from .config import RunConfig
 from .validation import validate_config
 from .data import DATASET_NAMES, load_datasets

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from dynbatch_core.balancers import BALANCERS, build_balancer, largest_remainder_split
+from dynbatch_core.balancer_base import largest_remainder_split
+from dynbatch_core.balancers import BALANCERS, build_balancer
 
 
 def test_weights_3_13_split_16_exactly():

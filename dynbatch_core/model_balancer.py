@@ -1,0 +1,167 @@
+"""The `model` balancer: per-rank affine step-time fits t_i(b) = a_i + c_i b (cost_model.py) and the split that
+minimises the slowest rank's expected time, held until a new split beats it by more than the fits' noise.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+from .balancer_base import Balancer
+from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, predicted_step_s,
+                         proportional_fit, residual_spread_s)
+
+
+CHANGE_STEPS = 3         # model: this many outlying steps in a row on one side mean the rank's speed changed
+CHANGE_FLOOR = 0.15      # model: an outlier lies at least this fraction of the prediction off it
+MIN_BATCH_SPREAD = 0.1   # model: refit a rank's line only when its window's batches spread over this share of b
+RESIDUAL_LIMIT = 3.0     # model: residuals count in the expected step time up to this many residual spreads
+
+
+class ModelBalancer(Balancer):
+    """Fit each rank's step time t_i(b) = a_i + c_i b and solve for the split (LB-BSP, Cannikin), see cost_model.py.
+
+    After every step, rank i's (b_i, compute_s_i) joins a sliding window of its last model_window points, to which
+    a Theil-Sen line is fitted (until the window's batch sizes spread: t = c b through the origin, refitted every
+    step, so that its residuals measure noise rather than a stale level).
+      fit       refitted only while the window's batch sizes spread over >= 10 % of b (and >= 2 samples): a slope
+                from sizes close together is mostly timing noise, so otherwise the last well-spread line stays.
+      change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
+                prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
+                measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost), and so
+                are the times of the window's older points, which keeps the cost's shape at the new level.
+      split     the split that minimises the expected step time: a step lasts as long as its slowest rank's
+                actual time, so each candidate is priced as the mean over the window's steps of max_i (t_i(b_i) +
+                that step's residual of rank i) (cost_model.expected_max_split): a noisy rank gets slack, and
+                contention between ranks is kept as measured. Without timing noise (emulated costs) it is the
+                exact integer min-max split of the lines.
+      hold      the split in use changes only when the new one's expected step time beats it by more than the
+                largest residual spread over the square root of the window (the noise of that mean; hysteresis
+                in the model's own units), so timing noise does not move it.
+      spread    while some rank's line is not yet affine (its points hold one batch size), every other step moves one
+                sample between two ranks chosen from the step count (never a random draw): every rank and every
+                resumed run do the same.
+    `lines` and `predicted_step_s(split)` expose the model (the adaptive global batch uses it to price other B).
+    """
+
+    name = "model"
+    options = ("model_window",)
+
+    def __init__(self, world_size: int, *, model_window: int = 24, **bounds):
+        super().__init__(world_size, **bounds)
+        if model_window < 3:
+            raise ValueError(f"model balancer: model_window={model_window} must be >= 3 steps")
+        self.model_window = model_window
+        self.points: list[list[tuple[float, float]]] = [[] for _ in range(world_size)]
+        self.lines: list[AffineCost | None] = [None] * world_size
+        self.affine = [False] * world_size       # the line came from two or more batch sizes
+        self.spreads = [0.0] * world_size        # residual spread of each rank's window around its line, seconds
+        self.outliers = [0] * world_size         # consecutive same-side outlying steps (+ slower, - faster)
+        self.steps = 0
+        self.held: list[int] | None = None       # the split in use
+
+    def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
+        self.steps += 1
+        for rank, (seconds, batch) in enumerate(zip(compute_s, rank_batches)):
+            self._observe_rank(rank, float(batch), float(seconds))
+
+    def _observe_rank(self, rank: int, batch: float, seconds: float) -> None:
+        window, line = self.points[rank], self.lines[rank]
+        window.append((batch, seconds))
+        del window[:-self.model_window]
+        if line is not None and len(window) > CHANGE_STEPS:
+            predicted = line.time_s(batch)
+            residual = seconds - predicted
+            if abs(residual) > max(4 * self.spreads[rank], CHANGE_FLOOR * predicted):
+                side = 1 if residual > 0 else -1
+                self.outliers[rank] = self.outliers[rank] + side if self.outliers[rank] * side > 0 else side
+            else:
+                self.outliers[rank] = 0
+            if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale line and history
+                recent = window[-CHANGE_STEPS:]
+                ratio = statistics.median(t / max(line.time_s(b), 1e-12) for b, t in recent)
+                # Older points keep their batch sizes and move to the new speed: the window keeps the shape of the
+                # cost (a fit from a few new points alone would be mostly noise) at the level just measured.
+                window[:-CHANGE_STEPS] = [(b, t * ratio) for b, t in window[:-CHANGE_STEPS]]
+                self.lines[rank], self.outliers[rank] = line.scaled(ratio), 0
+                self.spreads[rank] = residual_spread_s(window, self.lines[rank])
+                return
+        batches = [b for b, _ in window]
+        # A slope from batch sizes close together is mostly timing noise: refit only on a wide enough spread,
+        # else keep the last line fitted on one.
+        wide = max(batches) - min(batches) >= max(2.0, MIN_BATCH_SPREAD * statistics.median(batches))
+        fitted = fit_affine(window) if wide else None
+        if fitted is not None:
+            self.lines[rank], self.affine[rank] = fitted, True
+        elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
+            self.lines[rank] = proportional_fit(window)
+        if self.lines[rank] is not None:
+            self.spreads[rank] = residual_spread_s(window, self.lines[rank])
+
+    def residuals(self) -> list[list[float]]:
+        """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned),
+        each limited to RESIDUAL_LIMIT residual spreads of its rank: the first step's warm-up, or a step in which
+        the machine descheduled a rank, says nothing about the next step and must not decide the split."""
+        columns = []
+        for window, line, spread in zip(self.points, self.lines, self.spreads):
+            limit = RESIDUAL_LIMIT * spread
+            columns.append([min(max(t - line.time_s(b), -limit), limit) for b, t in window])
+        return [list(row) for row in zip(*columns)]
+
+    def cost_line(self, rank: int) -> AffineCost | None:
+        return self.lines[rank]
+
+    def predicted_step_s(self, split: Sequence[int]) -> float:
+        """The slowest rank's predicted compute seconds for `split` (inf before every rank has a line)."""
+        if any(line is None for line in self.lines):
+            return math.inf
+        return predicted_step_s(split, self.lines)
+
+    def split(self, global_batch: int) -> list[int]:
+        if any(line is None for line in self.lines):
+            return super().split(global_batch)
+        residuals = self.residuals()
+        best = expected_max_split(global_batch, self.lines, residuals, min_size=self.min_rank_batch,
+                                  max_size=self.max_rank_batch)
+        held = self.held
+        # Hysteresis: the expected step time is a mean over the window, so its noise is the residual spread over
+        # the square root of the window's length.
+        margin = max(self.spreads) / math.sqrt(max(1, len(residuals)))
+        if held is None or sum(held) != global_batch or _beats(expected_step_s(best, self.lines, residuals),
+                                                               expected_step_s(held, self.lines, residuals), margin):
+            self.held = held = best
+        if all(self.affine):
+            return list(held)
+        return self._spread(held)
+
+    def _spread(self, split: list[int]) -> list[int]:
+        """Every other step, one sample from rank j to rank i, (i, j) from the step count."""
+        split = list(split)
+        if self.steps % 2 == 0 or self.world_size < 2:
+            return split
+        receiver = (self.steps // 2) % self.world_size
+        giver = (receiver + 1) % self.world_size
+        upper = math.inf if self.max_rank_batch is None else self.max_rank_batch
+        if split[giver] > self.min_rank_batch and split[receiver] < upper:
+            split[giver] -= 1
+            split[receiver] += 1
+        return split
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "points": [[list(p) for p in window] for window in self.points],
+                "lines": [[] if line is None else [line.a_s, line.c_s] for line in self.lines],
+                "affine": list(self.affine), "spreads": list(self.spreads), "outliers": list(self.outliers),
+                "steps": self.steps, "held": [] if self.held is None else list(self.held)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.points = [[(float(b), float(t)) for b, t in window] for window in state["points"]]
+        self.lines = [AffineCost(*line) if line else None for line in state["lines"]]
+        self.affine, self.spreads = list(state["affine"]), list(state["spreads"])
+        self.outliers, self.steps = list(state["outliers"]), state["steps"]
+        self.held = list(state["held"]) or None
+
+
+def _beats(new_s: float, held_s: float, margin_s: float) -> bool:
+    """Better by more than the margin; without noise (margin 0) a tie also goes to the new, exact split."""
+    return new_s < held_s - margin_s if margin_s > 0 else new_s <= held_s
