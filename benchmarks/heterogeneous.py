@@ -185,14 +185,15 @@ def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, sett
         part = steps[steps["scenario"] == scenario].rename(columns={"balancer": "run"})
         slug = re.sub(r"[^a-z0-9]+", "-", scenario.lower()).strip("-")
         fig = plots.rank_batches_over_steps(part[part["run"] != "equal"],
-                                            title=f"Per-rank batch size, {scenario} ({setting}); dotted: b ∝ 1/k")
+                                            title=f"Per-rank batch size, {scenario} ({setting})\n"
+                                                  "dotted: the split b ∝ 1/k")
         paths.append(plots.save_figure(fig, f"heterogeneous_batches_{slug}", part, out_dir)["png"])
         fig = plots.balance_efficiency_over_steps(part, title=f"Balance efficiency per step, {scenario} ({setting})",
                                                   window=5)
         paths.append(plots.save_figure(fig, f"heterogeneous_efficiency_{slug}", part, out_dir)["png"])
     two = summary[(summary["world_size"] == 2) & summary["scenario"].str.contains(r"\[1,")]
     fig = plots.speedup_vs_slowdown(two[["slowest", "balancer", "speedup", "ceiling"]],
-                                    title=f"Speed-up vs slowdown, 2 ranks ({setting}); k = 3 from the 144-step "
+                                    title=f"Speed-up vs slowdown, 2 ranks ({setting})\nk = 3 from the 144-step "
                                           "[1,3] runs, other k from 80-step sweep runs")
     paths.append(plots.save_figure(fig, "heterogeneous_speedup", two, out_dir)["png"])
     return paths
