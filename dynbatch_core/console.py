@@ -1,5 +1,5 @@
 """What a run prints: one-line log messages, the rank-0 progress bar (a terminal run) and the launcher's progress
-display (a widget in Jupyter).
+bar (a widget in Jupyter).
 
 Log lines go to stderr in a terminal (stdout carries the run folder the CLI prints) and to stdout inside a Jupyter
 kernel, which draws stderr as an error block. Spawned ranks write to the kernel's own stdout and stderr, so the
@@ -35,23 +35,24 @@ def progress_bar(*, total: int, description: str, enabled: bool) -> tqdm:
 
 
 def launcher_progress(*, total: int, enabled: bool) -> tqdm:
-    """The launcher's bar: a widget in a Jupyter kernel, text on stderr elsewhere, nothing when disabled or when
-    the kernel lacks ipywidgets (the `notebooks` extra installs it). End it with close_launcher_progress."""
+    """The launcher's bar: a widget in a Jupyter kernel (it stays, full or red, when the run ends), text on stderr
+    elsewhere, nothing when disabled or when the kernel lacks ipywidgets (the `notebooks` extra installs it).
+    The report command strips the widgets from the notebooks it executes (report.strip_widgets)."""
     if not enabled or (in_jupyter_kernel() and importlib.util.find_spec("ipywidgets") is None):
         return tqdm(total=total, disable=True)
     if not in_jupyter_kernel():
         return tqdm(total=total, desc="starting ranks", unit="step", file=sys.stderr, dynamic_ncols=True)
-    # tqdm's widget, shown through a display handle that close_launcher_progress empties: JupyterLab shows the bar
-    # while the run lasts, and a notebook executed by papermill or nbval keeps nothing of it
     from IPython.display import display
     from tqdm.notebook import tqdm as notebook_tqdm
-    bar = notebook_tqdm(total=total, desc="starting ranks", unit="step", display=False, leave=False)
+    bar = notebook_tqdm(total=total, desc="starting ranks", unit="step", display=False, dynamic_ncols=True)
     bar.display_handle = display(bar.container, display_id=True)
     return bar
 
 
 def close_launcher_progress(bar: tqdm) -> None:
+    """Close the bar; a widget's display is sent again, so that a notebook saved without widget support (papermill)
+    holds the final state as its text line rather than the first."""
     bar.close()
     handle = getattr(bar, "display_handle", None)
     if handle is not None:
-        handle.update({"text/plain": ""}, raw=True)
+        handle.update(bar.container)

@@ -43,7 +43,7 @@ class RunInterrupted(KeyboardInterrupt):
     (_render_traceback_), not a traceback through multiprocessing."""
 
     def __init__(self, ranks_ended: int, run_dir: Path):
-        resume = " (resume from its last checkpoint with resume=that folder)" if _has_checkpoint(str(run_dir)) else ""
+        resume = " (its last checkpoint can be resumed)" if _has_checkpoint(str(run_dir)) else ""
         super().__init__(f"run stopped by interrupt; {ranks_ended} rank(s) ended; run folder {run_dir}{resume}")
         self.run_dir = run_dir
 

@@ -28,6 +28,7 @@ from .notebook_setup import find_repo_root
 
 NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive")
 PARAMETER_SETS = ("report", "full", "defaults")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def strip_outputs(paths: Sequence[str | os.PathLike] | None = None) -> list[Path]:
@@ -48,6 +49,16 @@ def strip_outputs(paths: Sequence[str | os.PathLike] | None = None) -> list[Path
             write_atomic(path, lambda tmp: nbformat.write(notebook, tmp))
             changed.append(path)
     return changed
+
+
+def strip_widgets(notebook):
+    """The notebook without its runs' progress widgets (outputs and stored widget state): live progress in
+    JupyterLab, nothing in an executed report notebook, where no widget can render."""
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [output for output in cell.outputs if WIDGET_VIEW not in output.get("data", {})]
+    notebook.metadata.pop("widgets", None)
+    return notebook
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
@@ -101,8 +112,7 @@ def execute_notebook(repo: Path, notebook: str, parameter_set: str, out: Path, k
                                               progress_bar=False)
     finally:
         seconds = time.perf_counter() - started
-    executed = nbformat.read(str(target), as_version=4)
-    executed.metadata.pop("widgets", None)   # the progress widgets' state: emptied displays, nothing to show
+    executed = strip_widgets(nbformat.read(str(target), as_version=4))
     executed.metadata["dynbatch"] = {"parameter_set": parameter_set, "seconds": round(seconds, 1)}
     write_atomic(target, lambda tmp: nbformat.write(executed, tmp))
     return seconds

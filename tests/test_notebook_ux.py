@@ -14,14 +14,16 @@ import psutil
 import pytest
 from nbclient import NotebookClient
 
+from dynbatch_core import report
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_VIEW = report.WIDGET_VIEW
 
 
 class RecordingClient(NotebookClient):
-    """Keeps every output message of every cell, including displays that were emptied later."""
+    """Keeps every output message of every cell, as the kernel sent it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,8 +69,12 @@ def test_a_notebook_run_shows_a_progress_widget_and_its_log_as_output_not_as_err
     assert {content["name"] for content in streams} == {"stdout"}   # no stderr block
     text = "".join(content["text"] for content in streams)
     assert "[dynbatch] epoch 2/2" in text and "IProgress" not in text and "Warning" not in text
-    # what the notebook keeps (papermill, nbval): nothing of the bars, whose displays were emptied at each run's end
-    assert not any(WIDGET_VIEW in output.get("data", {}) for output in notebook.cells[training].outputs)
+    # the bars stay in the notebook (as in JupyterLab); the report strips them from the notebooks it executes
+    kept = notebook.cells[training].outputs
+    assert sum(WIDGET_VIEW in output.get("data", {}) for output in kept) == 2 and notebook.metadata.get("widgets")
+    stripped = report.strip_widgets(notebook)
+    assert not any(WIDGET_VIEW in output.get("data", {}) for output in stripped.cells[training].outputs)
+    assert "widgets" not in stripped.metadata and any(o.output_type == "stream" for o in stripped.cells[training].outputs)
 
 
 def test_an_interrupted_run_is_one_line_and_leaves_no_rank_behind(tmp_path):
