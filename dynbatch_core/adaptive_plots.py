@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from .critical_batch import CriticalBatchFit
-from .analysis import run_labels as _runs
+from .analysis import run_labels
 from .plots import BATCH_LABEL, _palette, _theme
 
 NOISE_LABEL = "noise scale B_simple = tr(Σ) / |G|²  (samples)"
@@ -30,7 +30,7 @@ def _log2_axis(axis) -> None:
 def noise_scale_over_training(epochs: pd.DataFrame, *, title: str = "Gradient noise scale over training"
                               ) -> plt.Figure:
     """Each run's epoch noise scale (epochs.csv noise_scale) against the samples it had seen by the epoch's end."""
-    runs = [run for run in _runs(epochs) if epochs.loc[epochs["run"] == run, "noise_scale"].notna().any()]
+    runs = [run for run in run_labels(epochs) if epochs.loc[epochs["run"] == run, "noise_scale"].notna().any()]
     colours = _palette(runs)
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.4))
@@ -50,7 +50,7 @@ def noise_scale_over_training(epochs: pd.DataFrame, *, title: str = "Gradient no
 def batch_over_time(clock: pd.DataFrame, *, time_column: str = "emulated_s", time_label: str = "time (s)",
                     title: str = "Global batch over training") -> plt.Figure:
     """Each run's global batch at every step (critical_batch.emulated_clock's table, tagged) against time."""
-    runs = _runs(clock)
+    runs = run_labels(clock)
     colours = _palette(runs)
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.0))

@@ -38,9 +38,10 @@ def launcher_progress(*, total: int, enabled: bool) -> tqdm:
     """The launcher's bar: a widget in a Jupyter kernel (it stays, full or red, when the run ends), text on stderr
     elsewhere, nothing when disabled or when the kernel lacks ipywidgets (the `notebooks` extra installs it).
     The report command strips the widgets from the notebooks it executes (report.strip_widgets)."""
-    if not enabled or (in_jupyter_kernel() and importlib.util.find_spec("ipywidgets") is None):
+    in_kernel = in_jupyter_kernel()
+    if not enabled or (in_kernel and importlib.util.find_spec("ipywidgets") is None):
         return tqdm(total=total, disable=True)
-    if not in_jupyter_kernel():
+    if not in_kernel:
         return tqdm(total=total, desc="starting ranks", unit="step", file=sys.stderr, dynamic_ncols=True)
     from IPython.display import display
     from tqdm.notebook import tqdm as notebook_tqdm

@@ -26,7 +26,7 @@ import pandas as pd
 import seaborn as sns
 from cycler import cycler
 
-from .analysis import efficiency_table, fitted_step_time_table, run_labels as _runs
+from .analysis import efficiency_table, fitted_step_time_table, run_labels
 from .metrics import write_atomic
 
 TIME_LABEL = "wall time (s, training only)"
@@ -65,7 +65,7 @@ def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs tra
     time_column/time_label: another clock (e.g. critical_batch.with_emulated_time's emulated_s).
     target: draw this accuracy as a dashed line (the level a time-to-target was measured against).
     """
-    runs = _runs(epochs)
+    runs = run_labels(epochs)
     colours = _palette(runs)
     with _theme():
         if show_batch:
@@ -117,7 +117,7 @@ def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs trainin
 
     target_loss: draw it as a dashed line (the level `time_to_reach` measured against).
     """
-    runs = _runs(epochs)
+    runs = run_labels(epochs)
     colours = _palette(runs)
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -145,7 +145,7 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
     """Each rank's batch size at every step, one panel per run (balancer). Rank i is labelled with its k_i from
     `slowdown`, else from the table's slowdown column (k_i over time, e.g. 1→3→1); an `ideal_batch` column is drawn
     dotted."""
-    runs = _runs(steps)
+    runs = run_labels(steps)
     ranks = sorted(steps["rank"].unique())
     names = {r: f"rank {r}" + (f" (k={_factors(steps, r, slowdown)})" if slowdown is not None or "slowdown" in steps
                                else "") for r in ranks}
@@ -173,7 +173,7 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
 def _factors(steps: pd.DataFrame, rank: int, slowdown: Sequence[float] | None) -> str:
     if slowdown is not None:
         return f"{slowdown[rank]:g}"
-    first_run = steps[steps["run"] == _runs(steps)[0]]
+    first_run = steps[steps["run"] == run_labels(steps)[0]]
     mine = first_run[first_run["rank"] == rank].sort_values("step")["slowdown"]
     return "→".join(f"{k:g}" for k, _ in itertools.groupby(mine))
 
@@ -185,7 +185,7 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
     Efficiency = Σ_i compute_i / (n · max_i compute_i) (analysis.balance_efficiency): 1 = nobody waited.
     """
     table = efficiency_table(steps)
-    runs = _runs(table)
+    runs = run_labels(table)
     colours = _palette(runs)
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.8))
