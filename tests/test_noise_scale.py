@@ -1,4 +1,5 @@
-"""The gradient noise scale estimator against analytic truth: linear least squares at fixed weights."""
+"""The gradient noise scale estimator against truth: (a) linear least squares at fixed weights, analytic; (b) a ResNet
+at a saved checkpoint, from its per-sample gradients, and the engine's recorded points against the same gradients."""
 import math
 
 import pytest
@@ -87,17 +88,24 @@ def test_the_smoother_averages_numerator_and_denominator_apart():
     assert smoother.noise_scale == pytest.approx(13.75 / 0.375)
 
 
-# --- (b) the engine, at fixed weights, against the per-sample gradients of a ResNet ---------------------------------
+# --- (b) a ResNet at a saved checkpoint: the estimator against its per-sample gradients, the engine against both --
 # MNIST at initialisation has B_simple ~ 270; a global batch of 256 (of 512 samples) keeps the global point's noise
 # S x(256) below |G|^2, so 40 steps pin |G|^2 down (a 64-sample batch would need thousands).
 RESNET = dict(dataset="mnist", model="resnet8", norm="none", train_samples=512, test_samples=32, batch_size=256,
-              lr=0.0, epochs=20, noise_scale=True, progress=False, checkpoints=False)
+              lr=0.0, noise_scale=True, progress=False, checkpoints=False)
+RESNET_SPLITS = [(1, None), (2, None), (2, (1.0, 3.0)), (4, None), (4, (1.0, 2.0, 3.0, 4.0))]
+
+
+def split_of(world_size, weights, batch=256):
+    weights = weights or (1.0,) * world_size
+    return [round(batch * w / sum(weights)) for w in weights]
 
 
 @pytest.fixture(scope="module")
-def resnet_truth(tmp_path_factory):
-    """|G|^2 and tr(Sigma) of the 512 training samples' gradients at the weights the runs hold (lr = 0 keeps them:
-    the model.pt a run saves), from one backward pass per sample."""
+def resnet_gram(tmp_path_factory):
+    """The Gram matrix K_ij = g_i . g_j of the 512 training samples' gradients at the weights the runs hold (lr = 0
+    keeps them: the model.pt a run saves), one backward pass per sample. Every squared norm of a batch's summed
+    gradient is a sum of K's entries, so the estimator can be replayed exactly for any split and any number of steps."""
     from conftest import SHARED_DATA
     from dynbatch_core import RunConfig, run
     from dynbatch_core.data import load_datasets
@@ -105,7 +113,7 @@ def resnet_truth(tmp_path_factory):
     if not (SHARED_DATA / "mnist.npz").exists():
         pytest.skip(f"offline data not found at {SHARED_DATA} (set DYNBATCH_TEST_DATA)")
     folder = tmp_path_factory.mktemp("truth")
-    saved = run(RunConfig(**{**RESNET, "epochs": 1, "noise_scale": False}, data_dir=str(SHARED_DATA), world_size=1,
+    saved = run(RunConfig(**{**RESNET, "noise_scale": False}, epochs=1, data_dir=str(SHARED_DATA), world_size=1,
                           out=str(folder / "weights")))
     train, _, _ = load_datasets("mnist", data_dir=SHARED_DATA, train_samples=512, test_samples=32, seed=0)
     model = build_model("resnet8", in_channels=train.spec.in_channels, num_classes=train.spec.num_classes, norm="none")
@@ -116,29 +124,78 @@ def resnet_truth(tmp_path_factory):
     for image, label in zip(images, labels):
         loss = torch.nn.functional.cross_entropy(model(image[None]), label[None])
         gradients.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, parameters)]).double())
-    return SHARED_DATA, truth(torch.stack(gradients))
+    gradients = torch.stack(gradients)
+    return SHARED_DATA, gradients @ gradients.T
+
+
+def gram_truth(gram):
+    """|G|^2 and S = tr(Sigma) from the Gram matrix (Sigma normalised by N)."""
+    gradient_sq = float(gram.mean())
+    return gradient_sq, float(gram.diagonal().mean()) - gradient_sq
+
+
+def replayed_points(gram, order, split, batch=256):
+    """A step's noise points as the engine forms them: each rank's slice of the step's samples (one rank: the first
+    half), its summed gradient / B, and the whole step's."""
+    def sq_norm(indices):
+        return float(gram[indices][:, indices].sum()) / batch ** 2
+    slices = [(0, batch // 2)] if len(split) == 1 else rank_slices(split)
+    batches = [stop - start for start, stop in slices]
+    return step_points([sq_norm(order[start:stop]) for start, stop in slices], batches, batch, sq_norm(order))
+
+
+def replayed_estimates(gram, split, epochs, batch=256, num_samples=512):
+    """Per epoch, the estimates of its steps, in the engine's sample order (sampler.epoch_order, seed 0)."""
+    per_epoch = []
+    for epoch in range(epochs):
+        order = epoch_order(num_samples, seed=0, epoch=epoch)
+        per_epoch.append([fit_step(replayed_points(gram, order[offset:offset + batch], split, batch), num_samples)
+                          for offset in range(0, num_samples - batch + 1, batch)])
+    return per_epoch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, weights", [(1, None), (2, None), (2, (1.0, 3.0)), (4, None),
-                                                 (4, (1.0, 2.0, 3.0, 4.0))])
-def test_the_engine_measures_the_noise_of_a_resnet_within_15_percent(tmp_path, resnet_truth, world_size, weights):
-    from dynbatch_core import RunConfig, run
-    data_dir, (gradient_sq, trace) = resnet_truth
-    result = run(RunConfig(**RESNET, data_dir=str(data_dir), world_size=world_size, rank_weights=weights,
-                           out=str(tmp_path / "run")))
-    epochs = result.epochs
-    if weights:   # the split really was uneven
-        first = result.steps.query("step == 0").sort_values("rank").rank_batch.tolist()
-        assert first[0] < first[-1]
-    measured_gradient_sq, measured_trace = epochs.noise_gradient_sq.mean(), epochs.noise_trace.mean()
+@pytest.mark.parametrize("world_size, weights", RESNET_SPLITS)
+def test_the_estimate_matches_the_noise_of_a_resnet_within_15_percent(resnet_gram, world_size, weights):
+    """20 epochs of the engine's steps (40), replayed from the per-sample gradients."""
+    _, gram = resnet_gram
+    gradient_sq, trace = gram_truth(gram)
+    found = [estimate for epoch in replayed_estimates(gram, split_of(world_size, weights), epochs=20)
+             for estimate in epoch]
+    measured_gradient_sq = sum(e.gradient_sq for e in found) / len(found)
+    measured_trace = sum(e.trace for e in found) / len(found)
     assert measured_gradient_sq == pytest.approx(gradient_sq, rel=0.15)
     assert measured_trace == pytest.approx(trace, rel=0.15)
     assert measured_trace / measured_gradient_sq == pytest.approx(trace / gradient_sq, rel=0.15)
-    assert epochs.noise_missing.ge(0).all() and len(epochs) == 20
-    # the per-step columns: every rank's squared norm of its own mean gradient, and the global one (alike on ranks)
-    assert result.steps.rank_grad_sq.gt(0).all()
-    assert result.steps.groupby("step").global_grad_sq.nunique().eq(1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, weights", RESNET_SPLITS)
+def test_the_engine_records_exactly_the_points_and_estimates_the_per_sample_gradients_give(tmp_path, resnet_gram,
+                                                                                          world_size, weights):
+    """The engine's squared norms, step by step, and its epoch estimates equal the replay above (float32 sums)."""
+    from dynbatch_core import RunConfig, run
+    data_dir, gram = resnet_gram
+    gradient_sq, trace = gram_truth(gram)
+    result = run(RunConfig(**RESNET, epochs=2, data_dir=str(data_dir), world_size=world_size, rank_weights=weights,
+                           out=str(tmp_path / "run")))
+    split = split_of(world_size, weights)
+    steps = result.steps.sort_values(["epoch", "step", "rank"])
+    assert steps.groupby(["epoch", "step"]).rank_batch.apply(list).tolist() == [split] * 4
+    replayed = replayed_estimates(gram, split, epochs=2)
+    for (epoch, step_in_epoch), rows in zip([(0, 0), (0, 1), (1, 0), (1, 1)], steps.groupby(["epoch", "step"])):
+        order = epoch_order(512, seed=0, epoch=epoch)[256 * step_in_epoch:256 * (step_in_epoch + 1)]
+        points = replayed_points(gram, order, split)
+        assert rows[1].global_grad_sq.tolist() == pytest.approx([points[-1][1]] * world_size, rel=1e-4)
+        if world_size > 1:   # rank i's squared norm of its own slice's mean gradient
+            assert rows[1].rank_grad_sq.tolist() == pytest.approx([y for _, y in points[:-1]], rel=1e-4)
+    for epoch, row in result.epochs.iterrows():   # a mean of differences: compared on the scale of the truth
+        estimates = replayed[epoch]
+        assert row.noise_gradient_sq == pytest.approx(sum(e.gradient_sq for e in estimates) / 2, abs=1e-3 * gradient_sq)
+        assert row.noise_trace == pytest.approx(sum(e.trace for e in estimates) / 2, abs=1e-3 * trace)
+        assert row.noise_missing == sum(e.missing for e in estimates)
+    if weights:   # the split really was uneven
+        assert split[0] < split[-1]
 
 
 @pytest.mark.slow
