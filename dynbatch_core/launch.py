@@ -6,9 +6,14 @@
 
 A run either finishes or fails as a whole: when any rank raises or dies, run() stops the others at once and raises
 RunFailed naming the rank and its traceback; Ctrl-C (or Jupyter's "interrupt kernel") stops every rank; collectives
-give up after --timeout-s. Ranks also die with the parent process, so a killed kernel leaves no orphans: each rank
-asks the kernel for SIGKILL when its parent dies (Linux), checks right after that its parent is still the launcher
-(closing the window while it was importing), and a watchdog thread checks again every half second (any platform).
+give up after --timeout-s. Ranks also die with the launcher, so a killed kernel leaves no orphans: each rank asks
+the kernel for SIGKILL when its parent dies (Linux), checks right after that the launcher is still there (closing
+the window while it was starting), and a watchdog thread checks again every half second (any platform).
+
+CPU ranks fork from a multiprocessing fork server that has imported torch once (and torch._dynamo, which the first
+optimizer imports): a spawned rank spent ~3 s of every run importing those. The server imports nothing of
+dynbatch_core, so edits to the package reach the next run, and each rank takes the launcher's environment as of
+its run, as a spawned one would. CUDA runs spawn their ranks (the server must never touch CUDA before a fork).
 
 Spawned ranks rendezvous through a store the launcher owns on 127.0.0.1 and talk over the loopback interface only
 (distributed.LoopbackStore): nothing of a spawned run listens on the network.
@@ -19,6 +24,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -76,23 +82,24 @@ def run(config: RunConfig) -> RunResult:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if in_jupyter_kernel():   # the ranks' log lines then show as output, not as error blocks
         os.environ[LOG_TO_STDOUT] = "1"
-    context = mp.start_processes(_spawned_worker, args=(config, str(run_dir), store.address, device_kind, os.getpid()),
-                                 nprocs=config.world_size, join=False, start_method="spawn")
+    context = mp.start_processes(_spawned_worker, nprocs=config.world_size, join=False,
+                                 args=(config, str(run_dir), store.address, device_kind, os.getpid(),
+                                       dict(os.environ)),
+                                 start_method=_start_method(device_kind))
     bar = _RunProgressBar(config, run_dir)
-    interrupted = False
+    interrupted = finished = False
     try:
         while not context.join(timeout=1.0):
             bar.refresh()
+        finished = True
     except KeyboardInterrupt:
         interrupted = True
-    except mp.ProcessRaisedException as error:
-        raise RunFailed(error.error_index, _traceback_of(error), run_dir) from None
-    except mp.ProcessExitedException as error:
-        how = (f"killed by {signal.Signals(-error.exit_code).name}" if error.exit_code < 0
-               else f"exited with code {error.exit_code}")
-        raise RunFailed(error.error_index, how, run_dir) from None
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        raise RunFailed(*_first_failure(context), run_dir) from None
     finally:  # also on KeyboardInterrupt: no rank outlives run()
         _stop(context.processes)
+        if not finished:   # nothing of a failed or interrupted run stays behind, the idle fork server included
+            _stop_fork_server()
         bar.close()
         del store
     if interrupted:
@@ -148,9 +155,30 @@ def _started_by_this_job(run_dir: str, run_id: str) -> bool:
     return run_id not in ("", "none") and resolved.get("torchrun_run_id") == run_id
 
 
+# What every rank imports before its first step: preloaded once by the fork server (see the module docstring).
+_FORK_SERVER_PRELOAD = ["torch", "torch._dynamo"]
+
+
+def _start_method(device_kind: str) -> str:
+    if device_kind != "cpu" or "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.set_forkserver_preload(_FORK_SERVER_PRELOAD)   # takes effect when the server starts, with the first run
+    return "forkserver"
+
+
+def _stop_fork_server() -> None:
+    from multiprocessing import forkserver
+    stop = getattr(forkserver._forkserver, "_stop", None)   # CPython's own way (private); without it, it idles on
+    if stop is not None:
+        stop()
+
+
 def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str, device_kind: str,
-                    launcher_pid: int) -> None:
+                    launcher_pid: int, environment: dict[str, str]) -> None:
     _die_with_parent(launcher_pid)
+    if os.environ != environment:   # a forked rank holds the fork server's environment, from its start
+        os.environ.clear()
+        os.environ.update(environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
     train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
                  init_method=init_method, device_kind=device_kind, draw_progress=False)
@@ -169,15 +197,30 @@ def _die_with_parent(launcher_pid: int, every_s: float = 0.5) -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    if os.getppid() != launcher_pid:
+    parent = os.getppid()   # the launcher (spawn) or the fork server, which exits with the launcher
+
+    def orphaned() -> bool:
+        return os.getppid() != parent or not _process_exists(launcher_pid)
+
+    if orphaned():
         os._exit(1)
 
     def watch() -> None:
-        while os.getppid() == launcher_pid:
+        while not orphaned():
             time.sleep(every_s)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="dynbatch-parent-watchdog", daemon=True).start()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _RunProgressBar:
@@ -215,10 +258,24 @@ def _stop(processes, grace_s: float = 5.0) -> None:
             process.join()
 
 
-def _traceback_of(error: mp.ProcessRaisedException) -> str:
-    text = str(error).split("terminated with the following error:", 1)[-1].strip()
-    last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-    return f"{last}\n{text}"
+def _first_failure(context) -> tuple[int, str]:
+    """(rank, how) of the failure that ended the run. When one rank fails, its peers fail in their next collective
+    and torch reports whichever exit it noticed first; the cause is a rank killed by a signal (other than the SIGTERM
+    that stopped the rest), else the earliest traceback a rank wrote, else a rank's non-zero exit code."""
+    codes = [process.exitcode for process in context.processes]
+    for rank, code in enumerate(codes):
+        if code is not None and code < 0 and code != -signal.SIGTERM:
+            return rank, f"killed by {signal.Signals(-code).name}"
+    written = [(os.stat(path).st_mtime_ns, rank, path) for rank, path in enumerate(context.error_files)
+               if os.path.exists(path)]
+    if written:
+        _, rank, path = min(written)
+        with open(path, "rb") as handle:
+            text = pickle.load(handle).strip()   # the rank's formatted traceback (torch.multiprocessing writes it)
+        return rank, f"{text.splitlines()[-1] if text else 'unknown error'}\n{text}"
+    rank, code = next(((rank, code) for rank, code in enumerate(codes) if code), (0, None))
+    return rank, (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                  else f"exited with code {code}")
 
 
 def _open_run_dir(config: RunConfig, device_kind: str, torchrun_run_id: str | None = None) -> Path:

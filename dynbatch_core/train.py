@@ -51,21 +51,21 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
     init_process_group(device_kind, rank, config.world_size, init_method, config.timeout_s)
-    try:
-        device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-        if init_method == "env://":
-            config = with_node_slowdowns(config)
-        # Under torchrun a restarted or resized job resumes whatever it last published, even from another node.
-        found = newest_checkpoint(Path(run_dir)) if config.resume is not None or init_method == "env://" else None
-        if config.resume is not None and found is None:
-            raise ValueError(f"--resume {config.resume}: no rank finds a checkpoint to resume from")
-        trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
-        if found is not None:
-            trainer.resume(found)
-        trainer.fit()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+    if init_method == "env://":
+        config = with_node_slowdowns(config)
+    # Under torchrun a restarted or resized job resumes whatever it last published, even from another node.
+    found = newest_checkpoint(Path(run_dir)) if config.resume is not None or init_method == "env://" else None
+    if config.resume is not None and found is None:
+        raise ValueError(f"--resume {config.resume}: no rank finds a checkpoint to resume from")
+    trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
+    if found is not None:
+        trainer.resume(found)
+    trainer.fit()
+    dist.barrier()
+    # Only after success: tearing the group down on a failure would close this rank's connections, failing its
+    # peers, before its own error is written (the launcher reports the earliest, launch._first_failure).
+    dist.destroy_process_group()
 
 
 @dataclasses.dataclass
@@ -113,8 +113,11 @@ class RankTrainer:
                                                   trace=config.slowdown_trace)
         self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
                                            seed=config.seed, require_plans=True)
+        # Workers are spawned: a rank forked by the launcher's fork server would otherwise start a fork server of
+        # its own, whose workers outlive a killed rank (they watch the server, not the rank).
         self.loader = planned_loader(self.train_set, self.sampler, collate_fn=collate_batch,
-                                     num_workers=config.loader_workers)
+                                     num_workers=config.loader_workers,
+                                     multiprocessing_context="spawn" if config.loader_workers else None)
         # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
         self.lookahead = prefetch_depth(config.loader_workers)
         self.trained: StepPlan | None = None   # the plan of the last step trained

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import processes_with_environment
 from dynbatch_core import RunConfig, RunFailed, run
 from dynbatch_core.data import collate_batch, load_datasets
 from dynbatch_core.loader import planned_loader, prefetch_depth
@@ -95,8 +96,10 @@ def test_resume_with_loader_workers_on_ddp_is_bit_exact(tmp_path, monkeypatch):
     reference, expected = train(tmp_path, "uninterrupted", **options)
     monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
     monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:13")  # epoch 2 (steps 8-15): killed after the step-12 checkpoint
+    monkeypatch.setenv("DYNBATCH_TEST_MARK", str(tmp_path))   # inherited by the ranks and their loader workers
     with pytest.raises(RunFailed):
         train(tmp_path, "interrupted", **options)
+    assert processes_with_environment("DYNBATCH_TEST_MARK", str(tmp_path)) == []   # no worker outlives its rank
     monkeypatch.delenv("DYNBATCH_FAULT")
     resumed, weights = train(tmp_path, "interrupted", resume=str(tmp_path / "interrupted"), **options)
     assert all(torch.equal(expected[key], weights[key]) for key in expected)

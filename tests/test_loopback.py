@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import rank_processes
 from dynbatch_core import RunConfig, run
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,6 @@ def listeners(pid: int) -> list[tuple[int, str, int]]:
     return found
 
 
-def ranks_of(pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
-
-
 def wait_for_training(run_dir: Path, timeout_s: float = 120) -> None:
     """Until rank 0 reported its first step: every rank has joined the group and opened its listeners."""
     deadline = time.monotonic() + timeout_s
@@ -61,7 +58,7 @@ def test_every_listener_of_a_two_rank_cli_run_is_on_loopback(tmp_path):
     try:
         wait_for_training(tmp_path / "cli")
         found = listeners(cli.pid)
-        ranks = ranks_of(cli.pid)
+        ranks = rank_processes(cli.pid)
         assert len(ranks) == 2
     finally:
         cli.send_signal(signal.SIGINT)

@@ -14,6 +14,7 @@ import psutil
 import pytest
 from nbclient import NotebookClient
 
+from conftest import rank_processes
 from dynbatch_core import report
 
 pytestmark = pytest.mark.slow
@@ -41,14 +42,8 @@ def kernel_environment() -> dict:
 
 
 def spawned_ranks() -> list[psutil.Process]:
-    ranks = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(process.cmdline()):
-                ranks.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return ranks
+    """The ranks of every kernel this test started."""
+    return [rank for kernel in psutil.Process().children() for rank in rank_processes(kernel.pid)]
 
 
 def test_a_notebook_run_shows_a_progress_widget_and_its_log_as_output_not_as_errors(tmp_path, shared_data):

@@ -12,6 +12,8 @@ import psutil
 import pytest
 import torch
 
+from conftest import rank_processes
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,13 +24,6 @@ def start_cli(run_dir: Path, *extra: str) -> subprocess.Popen:
                "--checkpoint-every", "4", "--out", str(run_dir), *extra]
     return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-
-
-def rank_processes(cli: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        return [p for p in psutil.Process(cli.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def wait_until(condition, timeout_s: float = 120, every_s: float = 0.02):
@@ -71,7 +66,7 @@ def in_evaluation(run_dir: Path) -> bool:
 
 
 MOMENTS = {
-    "start-up": ((), lambda cli, run_dir: len(rank_processes(cli)) == 2),
+    "start-up": ((), lambda cli, run_dir: len(rank_processes(cli.pid)) == 2),
     "mid-epoch": (("--epochs", "100"), lambda cli, run_dir: (run_dir / "progress.json").exists()),
     # 20000 test images take each rank a few seconds to score
     "evaluation": (("--epochs", "1", "--test-samples", "20000"), lambda cli, run_dir: in_evaluation(run_dir)),
@@ -85,9 +80,11 @@ def test_killing_the_launcher_leaves_no_rank_alive(tmp_path, moment):
     cli = start_cli(run_dir, *extra)
     ranks = []
     try:
-        ranks = wait_until(lambda: len(rank_processes(cli)) == 2 and rank_processes(cli))
+        ranks = wait_until(lambda: len(rank_processes(cli.pid)) == 2 and rank_processes(cli.pid))
         wait_until(lambda: ready(cli, run_dir))
         assert cli.poll() is None, "the run ended before the moment to kill it"
+        ranks += [p for p in psutil.Process(cli.pid).children() if p not in ranks and alive(p)
+                  and "resource_tracker" not in " ".join(p.cmdline())]   # the fork server, if it forked them
         os.kill(cli.pid, signal.SIGKILL)
         cli.wait(10)
         deadline = time.monotonic() + 10

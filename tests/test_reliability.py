@@ -11,6 +11,7 @@ import psutil
 import pytest
 import torch
 
+from conftest import rank_processes
 from dynbatch_core import RunConfig, RunFailed, run
 from dynbatch_core.checkpoint import latest_checkpoint
 from dynbatch_core.metrics import write_atomic
@@ -77,7 +78,7 @@ def test_ctrl_c_in_the_cli_stops_every_rank(tmp_path):
     deadline = time.monotonic() + 120
     while not (tmp_path / "interrupted" / "steps.csv").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    ranks = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+    ranks = rank_processes(cli.pid)
     assert len(ranks) == 2
     cli.send_signal(signal.SIGINT)  # to the parent only, as Jupyter's "interrupt kernel" does
     _, stderr = cli.communicate(timeout=60)
