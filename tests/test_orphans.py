@@ -78,24 +78,25 @@ def test_killing_the_launcher_leaves_no_rank_alive(tmp_path, moment):
     extra, ready = MOMENTS[moment]
     run_dir = tmp_path / moment
     cli = start_cli(run_dir, *extra)
-    ranks = []
+    of_the_run = []   # the ranks, and the fork server that forked them
     try:
         ranks = wait_until(lambda: len(rank_processes(cli.pid)) == 2 and rank_processes(cli.pid))
+        of_the_run = list(ranks)
         wait_until(lambda: ready(cli, run_dir))
         assert cli.poll() is None, "the run ended before the moment to kill it"
-        ranks += [p for p in psutil.Process(cli.pid).children() if p not in ranks and alive(p)
-                  and "resource_tracker" not in " ".join(p.cmdline())]   # the fork server, if it forked them
+        of_the_run = ranks + [p for p in psutil.Process(cli.pid).children() if p not in ranks and alive(p)
+                              and "resource_tracker" not in " ".join(p.cmdline())]
         os.kill(cli.pid, signal.SIGKILL)
         cli.wait(10)
         deadline = time.monotonic() + 10
-        while any(alive(rank) for rank in ranks) and time.monotonic() < deadline:
+        while any(alive(process) for process in of_the_run) and time.monotonic() < deadline:
             time.sleep(0.1)
-        survivors = [rank.pid for rank in ranks if alive(rank)]
+        survivors = [process.pid for process in of_the_run if alive(process)]
     finally:
         cli.kill()
-        for rank in ranks:
-            if alive(rank):
-                rank.kill()
+        for process in of_the_run:
+            if alive(process):
+                process.kill()
     assert survivors == []
     if moment == "evaluation":
         assert not (run_dir / "epochs.csv").exists()  # really killed during the evaluation

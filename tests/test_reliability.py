@@ -74,7 +74,6 @@ def test_ctrl_c_in_the_cli_stops_every_rank(tmp_path):
     command = [sys.executable, "-m", "dynbatch_core", "train", "--dataset", "synthetic", "--model", "resnet8",
                "--epochs", "100", "--train-samples", "512", "--no-progress", "--out", str(tmp_path / "interrupted")]
     cli = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
-    parent = psutil.Process(cli.pid)
     deadline = time.monotonic() + 120
     while not (tmp_path / "interrupted" / "steps.csv").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
