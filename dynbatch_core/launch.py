@@ -179,6 +179,9 @@ def _spawned_worker(rank: int, config: RunConfig, run_dir: str, init_method: str
     if os.environ != environment:   # a forked rank holds the fork server's environment, from its start
         os.environ.clear()
         os.environ.update(environment)
+    # A forked rank's own default start method would be forkserver: its DataLoader workers would then come from a
+    # server of its own and outlive a killed rank (they watch that server). Spawn them, as a spawned rank does.
+    mp.set_start_method("spawn", force=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops every rank
     train_worker(config, rank=rank, local_rank=rank, local_world_size=config.world_size, run_dir=Path(run_dir),
                  init_method=init_method, device_kind=device_kind, draw_progress=False)
@@ -218,8 +221,8 @@ def _process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:   # it exists, under another user
+        pass
     return True
 
 
@@ -263,17 +266,16 @@ def _first_failure(context) -> tuple[int, str]:
     and torch reports whichever exit it noticed first; the cause is a rank killed by a signal (other than the SIGTERM
     that stopped the rest), else the earliest traceback a rank wrote, else a rank's non-zero exit code."""
     codes = [process.exitcode for process in context.processes]
-    for rank, code in enumerate(codes):
-        if code is not None and code < 0 and code != -signal.SIGTERM:
-            return rank, f"killed by {signal.Signals(-code).name}"
-    written = [(os.stat(path).st_mtime_ns, rank, path) for rank, path in enumerate(context.error_files)
-               if os.path.exists(path)]
-    if written:
-        _, rank, path = min(written)
+    killed = [rank for rank, code in enumerate(codes) if code is not None and code < 0 and code != -signal.SIGTERM]
+    written = sorted((os.stat(path).st_mtime_ns, rank, path) for rank, path in enumerate(context.error_files)
+                     if os.path.exists(path))
+    if written and not killed:
+        _, rank, path = written[0]
         with open(path, "rb") as handle:
             text = pickle.load(handle).strip()   # the rank's formatted traceback (torch.multiprocessing writes it)
         return rank, f"{text.splitlines()[-1] if text else 'unknown error'}\n{text}"
-    rank, code = next(((rank, code) for rank, code in enumerate(codes) if code), (0, None))
+    rank = killed[0] if killed else next((rank for rank, code in enumerate(codes) if code), 0)
+    code = codes[rank]
     return rank, (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                   else f"exited with code {code}")
 

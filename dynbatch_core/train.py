@@ -113,11 +113,8 @@ class RankTrainer:
                                                   trace=config.slowdown_trace)
         self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
                                            seed=config.seed, require_plans=True)
-        # Workers are spawned: a rank forked by the launcher's fork server would otherwise start a fork server of
-        # its own, whose workers outlive a killed rank (they watch the server, not the rank).
         self.loader = planned_loader(self.train_set, self.sampler, collate_fn=collate_batch,
-                                     num_workers=config.loader_workers,
-                                     multiprocessing_context="spawn" if config.loader_workers else None)
+                                     num_workers=config.loader_workers)
         # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
         self.lookahead = prefetch_depth(config.loader_workers)
         self.trained: StepPlan | None = None   # the plan of the last step trained

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -46,7 +47,6 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
 def processes_with_environment(name: str, value: str, wait_s: float = 10.0) -> list[psutil.Process]:
     """Processes anywhere on the machine whose environment holds name=value, after up to wait_s for them to end:
     what a run left behind, even reparented away from this process (a killed rank's DataLoader workers)."""
-    import time
     deadline = time.monotonic() + wait_s
     while True:
         found = []

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dynbatch_core.balancer_base import largest_remainder_split
 from dynbatch_core.noise_scale import (NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, step_points,
                                        without_replacement_x)
 from dynbatch_core.sampler import epoch_order, rank_slices
@@ -97,8 +98,8 @@ RESNET_SPLITS = [(1, None), (2, None), (2, (1.0, 3.0)), (4, None), (4, (1.0, 2.0
 
 
 def split_of(world_size, weights, batch=256):
-    weights = weights or (1.0,) * world_size
-    return [round(batch * w / sum(weights)) for w in weights]
+    """The split the `weights` balancer (`rank_weights`) gives, or equal's."""
+    return largest_remainder_split(batch, weights or (1.0,) * world_size)
 
 
 @pytest.fixture(scope="module")
