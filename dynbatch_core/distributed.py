@@ -133,10 +133,12 @@ def init_process_group(device_kind: str, rank: int, world_size: int, init_method
     a torchrun rank joins torchrun's store (init_method "env://")."""
     backend = "nccl" if device_kind == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    # Bound to this rank's GPU (torch.cuda.set_device first): NCCL's barrier otherwise guesses it, with a warning.
+    bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device_kind == "cuda" else {}
     if init_method.startswith(LOOPBACK_PREFIX):
         pin_to_loopback()
         store = dist.TCPStore(LOOPBACK_HOST, int(init_method[len(LOOPBACK_PREFIX):]), None, False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **bound)
         return
     if init_method != "env://":
         raise ValueError(f"unsupported init_method {init_method!r}: expected env:// or {LOOPBACK_PREFIX}PORT")
@@ -145,7 +147,7 @@ def init_process_group(device_kind: str, rank: int, world_size: int, init_method
     store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
     round_id = agree_on_round(store, rank, world_size, timeout_s=timeout_s)
     dist.init_process_group(backend, store=dist.PrefixStore(f"dynbatch/round-{round_id}", store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+                            world_size=world_size, timeout=timeout, **bound)
 
 
 def agree_on_round(store: dist.Store, rank: int, world_size: int, *, timeout_s: float, poll_s: float = 0.02) -> str:

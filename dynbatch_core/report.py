@@ -206,6 +206,8 @@ def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] =
         "## Comparison with the class study\n",
         f"In short, {CLASS_STUDY}. What these runs show:\n",
         "\n".join(comparisons) if comparisons else "- (no comparison recorded)",
+        "\nThese runs are at the class study's scale (the `full` parameter set: full datasets, ResNet-18, GPUs).\n"
+        if parameter_sets == {"full"} else
         "\nScale matters: these are CPU runs on subsets with small ResNets; the `full` parameter set repeats them at "
         "the class study's scale on GPUs.\n"]
     path = out / "REPORT.md"
