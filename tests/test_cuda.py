@@ -36,8 +36,12 @@ def test_a_three_times_slower_gpu_rank_measures_three_times_its_compute(tmp_path
         result, _ = train(tmp_path, f"{gradient_sync}-{slowdown}", device="cuda", gradient_sync=gradient_sync,
                           slowdown=(slowdown,), lr=0.0)
         times[slowdown] = result.steps.compute_s.iloc[3:].median()   # the first steps warm cuDNN up
+        assert result.steps.compute_s.sum() <= result.epochs.epoch_s.iloc[0]   # the sleep is taken, not only counted
     print(f"{gradient_sync}: median compute {times[1.0] * 1e3:.2f} ms, slowed {times[3.0] * 1e3:.2f} ms")
-    assert 2.4 < times[3.0] / times[1.0] < 3.6
+    # This tiny model's step is bound by kernel launches, and a rank that slept launches its next step's kernels
+    # more slowly: its own compute reads 2.2-3.3 ms where an unslowed rank's reads 2.2-2.8 ms, so the ratio came out
+    # 2.7-4.4 on an H100. An unslept or doubly counted slowdown would give about 1 or 9.
+    assert 2.0 < times[3.0] / times[1.0] < 6.0
 
 
 def test_sync_batch_norm_in_fp16_learns_on_a_gpu(tmp_path):
