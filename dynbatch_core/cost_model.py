@@ -37,9 +37,11 @@ class AffineCost:
         return AffineCost(self.a_s * factor, self.c_s * factor)
 
 
-def fit_affine(points: Sequence[tuple[float, float]]) -> AffineCost | None:
-    """Theil-Sen line through (batch, seconds) points; None unless the points hold two different batch sizes."""
-    slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(points) for b2, t2 in points[i + 1:] if b2 != b1]
+def fit_affine(points: Sequence[tuple[float, float]], min_gap: float = 0.0) -> AffineCost | None:
+    """Theil-Sen line through (batch, seconds) points, its slope the median over pairs whose batch sizes differ by
+    more than `min_gap` (a slope from sizes close together is mostly timing noise); None without such a pair."""
+    slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(points) for b2, t2 in points[i + 1:]
+              if abs(b2 - b1) > min_gap]
     if not slopes:
         return None
     slope = statistics.median(slopes)

@@ -14,7 +14,9 @@ from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_af
 
 CHANGE_STEPS = 3         # model: this many outlying steps in a row on one side mean the rank's speed changed
 CHANGE_FLOOR = 0.15      # model: an outlier lies at least this fraction of the prediction off it
-MIN_BATCH_SPREAD = 0.1   # model: refit a rank's line only when its window's batches spread over this share of b
+MIN_BATCH_SPREAD = 0.1   # model: slopes only from pairs of points whose batches differ by this share of b
+WARMUP_STEPS = 2         # model: the run's first steps measure nothing (CPU, 2 ranks: 1.6x and 1.1x the steady time
+                         # at the median over runs, 2.2x and 1.4x at the 90th percentile)
 RESIDUAL_LIMIT = 3.0     # model: residuals count in the expected step time up to this many residual spreads
 
 
@@ -24,8 +26,12 @@ class ModelBalancer(Balancer):
     After every step, rank i's (b_i, compute_s_i) joins a sliding window of its last model_window points, to which
     a Theil-Sen line is fitted (until the window's batch sizes spread: t = c b through the origin, refitted every
     step, so that its residuals measure noise rather than a stale level).
-      fit       refitted only while the window's batch sizes spread over >= 10 % of b (and >= 2 samples): a slope
-                from sizes close together is mostly timing noise, so otherwise the last well-spread line stays.
+      fit       the slope from pairs of points whose batch sizes differ by >= 10 % of b (and >= 2 samples): a
+                slope from sizes close together is mostly timing noise; without such a pair the last line stays.
+      warm-up   the run's first two steps, and a rank's first step at a batch size it has not run before when it
+                lies over 15 % above the line, measure nothing: a new shape costs 20-30 % once on CPU, and counted
+                as speed it biased the line and looked like a slowdown. (Not the 4-spread gate below: right after
+                a rescale that gate is too wide to tell such a step from noise.)
       change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
                 prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
                 measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost), and so
@@ -52,45 +58,64 @@ class ModelBalancer(Balancer):
         if model_window < 3:
             raise ValueError(f"model balancer: model_window={model_window} must be >= 3 steps")
         self.model_window = model_window
-        self.points: list[list[tuple[float, float]]] = [[] for _ in range(world_size)]
+        # (batch, seconds) per step, seconds None where the step measured nothing (a first step at a new size)
+        self.points: list[list[tuple[float, float | None]]] = [[] for _ in range(world_size)]
         self.lines: list[AffineCost | None] = [None] * world_size
         self.affine = [False] * world_size       # the line came from two or more batch sizes
         self.spreads = [0.0] * world_size        # residual spread of each rank's window around its line, seconds
         self.outliers = [0] * world_size         # consecutive same-side outlying steps (+ slower, - faster)
+        self.sizes_run: list[set[float]] = [set() for _ in range(world_size)]   # batch sizes each rank has run
         self.steps = 0
         self.held: list[int] | None = None       # the split in use
 
     def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
         self.steps += 1
+        if self.steps <= WARMUP_STEPS:
+            return
         for rank, (seconds, batch) in enumerate(zip(compute_s, rank_batches)):
             self._observe_rank(rank, float(batch), float(seconds))
 
+    def _outlying(self, rank: int, batch: float, seconds: float) -> int:
+        """+1 (-1) when `seconds` lies beyond max(4 residual spreads, 15 %) above (below) the rank's line, else 0."""
+        predicted = self.lines[rank].time_s(batch)
+        residual = seconds - predicted
+        if abs(residual) <= max(4 * self.spreads[rank], CHANGE_FLOOR * predicted):
+            return 0
+        return 1 if residual > 0 else -1
+
     def _observe_rank(self, rank: int, batch: float, seconds: float) -> None:
         window, line = self.points[rank], self.lines[rank]
-        window.append((batch, seconds))
+        first_at_size = batch not in self.sizes_run[rank]
+        self.sizes_run[rank].add(batch)
+        # The first step at a batch size the rank has not run yet is slow (measured 20-30 % on CPU: kernels and
+        # buffers for a new shape): it says nothing of the rank's speed, and keeps only its place in the window,
+        # which stays step-aligned with the other ranks'.
+        transient = first_at_size and line is not None and seconds > (1 + CHANGE_FLOOR) * line.time_s(batch)
+        window.append((batch, None if transient else seconds))
         del window[:-self.model_window]
+        if transient:
+            return
         if line is not None and len(window) > CHANGE_STEPS:
-            predicted = line.time_s(batch)
-            residual = seconds - predicted
-            if abs(residual) > max(4 * self.spreads[rank], CHANGE_FLOOR * predicted):
-                side = 1 if residual > 0 else -1
+            side = self._outlying(rank, batch, seconds)
+            if side:
                 self.outliers[rank] = self.outliers[rank] + side if self.outliers[rank] * side > 0 else side
             else:
                 self.outliers[rank] = 0
             if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale line and history
-                recent = window[-CHANGE_STEPS:]
-                ratio = statistics.median(t / max(line.time_s(b), 1e-12) for b, t in recent)
+                recent = [i for i, (_, t) in enumerate(window) if t is not None][-CHANGE_STEPS:]
+                ratio = statistics.median(window[i][1] / max(line.time_s(window[i][0]), 1e-12) for i in recent)
                 # Older points keep their batch sizes and move to the new speed: the window keeps the shape of the
                 # cost (a fit from a few new points alone would be mostly noise) at the level just measured.
-                window[:-CHANGE_STEPS] = [(b, t * ratio) for b, t in window[:-CHANGE_STEPS]]
+                cut = recent[0]
+                window[:cut] = [(b, None if t is None else t * ratio) for b, t in window[:cut]]
                 self.lines[rank], self.outliers[rank] = line.scaled(ratio), 0
-                self.spreads[rank] = residual_spread_s(window, self.lines[rank])
+                self.spreads[rank] = residual_spread_s(_measured(window), self.lines[rank])
                 return
-        batches = [b for b, _ in window]
-        # A slope from batch sizes close together is mostly timing noise: refit only on a wide enough spread,
-        # else keep the last line fitted on one.
-        wide = max(batches) - min(batches) >= max(2.0, MIN_BATCH_SPREAD * statistics.median(batches))
-        fitted = fit_affine(window) if wide else None
+        window = _measured(window)
+        # A slope from batch sizes close together is mostly timing noise: fit on pairs of points far enough apart,
+        # and without such a pair keep the last line fitted on them.
+        gap = max(2.0, MIN_BATCH_SPREAD * statistics.median(b for b, _ in window)) - 1e-9
+        fitted = fit_affine(window, min_gap=gap)
         if fitted is not None:
             self.lines[rank], self.affine[rank] = fitted, True
         elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
@@ -105,7 +130,7 @@ class ModelBalancer(Balancer):
         columns = []
         for window, line, spread in zip(self.points, self.lines, self.spreads):
             limit = RESIDUAL_LIMIT * spread
-            columns.append([min(max(t - line.time_s(b), -limit), limit) for b, t in window])
+            columns.append([0.0 if t is None else min(max(t - line.time_s(b), -limit), limit) for b, t in window])
         return [list(row) for row in zip(*columns)]
 
     def cost_line(self, rank: int) -> AffineCost | None:
@@ -151,15 +176,21 @@ class ModelBalancer(Balancer):
         return {**super().state_dict(), "points": [[list(p) for p in window] for window in self.points],
                 "lines": [[] if line is None else [line.a_s, line.c_s] for line in self.lines],
                 "affine": list(self.affine), "spreads": list(self.spreads), "outliers": list(self.outliers),
-                "steps": self.steps, "held": [] if self.held is None else list(self.held)}
+                "steps": self.steps, "held": [] if self.held is None else list(self.held),
+                "sizes_run": [sorted(sizes) for sizes in self.sizes_run]}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.points = [[(float(b), float(t)) for b, t in window] for window in state["points"]]
+        self.points = [[(float(b), None if t is None else float(t)) for b, t in window] for window in state["points"]]
         self.lines = [AffineCost(*line) if line else None for line in state["lines"]]
         self.affine, self.spreads = list(state["affine"]), list(state["spreads"])
         self.outliers, self.steps = list(state["outliers"]), state["steps"]
         self.held = list(state["held"]) or None
+        self.sizes_run = [set(map(float, sizes)) for sizes in state.get("sizes_run", [[]] * self.world_size)]
+
+
+def _measured(window: list[tuple[float, float | None]]) -> list[tuple[float, float]]:
+    return [(b, t) for b, t in window if t is not None]
 
 
 def _beats(new_s: float, held_s: float, margin_s: float) -> bool:

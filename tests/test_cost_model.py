@@ -2,6 +2,7 @@
 import io
 import itertools
 import random
+import statistics
 
 import pytest
 import torch
@@ -51,14 +52,19 @@ def test_the_fit_recovers_a_line_and_ignores_outliers():
     assert fit_affine([(32, 0.1), (32, 0.11)]) is None  # one batch size: no line
 
 
-def simulate(balancer, truth, global_batch, steps, noise=0.0, seed=0):
-    """Feed the balancer the compute times `truth(step)` (AffineCost per rank) gives its own splits."""
+def simulate(balancer, truth, global_batch, steps, noise=0.0, seed=0, new_size_penalty=0.0):
+    """Feed the balancer the compute times `truth(step)` (AffineCost per rank) gives its own splits; a rank's first
+    step at a batch size it has not run yet (and the run's first step) takes 1 + new_size_penalty times as long."""
     rng = random.Random(seed)
-    splits = []
+    splits, sizes_run = [], [set() for _ in range(balancer.world_size)]
     for step in range(steps):
         split = balancer.split(global_batch)
         lines = truth(step)
         times = [line.time_s(b) * (1 + rng.uniform(-noise, noise)) for line, b in zip(lines, split)]
+        times = [t * (1 + new_size_penalty) if step == 0 or b not in sizes else t
+                 for t, b, sizes in zip(times, split, sizes_run)]
+        for sizes, b in zip(sizes_run, split):
+            sizes.add(b)
         balancer.observe(times, split)
         splits.append(split)
     return splits
@@ -74,7 +80,22 @@ def test_without_noise_the_model_lands_on_the_optimum_and_stays(truth, optimum):
     optimum = optimum or min_max_split(128, truth)
     splits = simulate(build_balancer("model", world), lambda step: truth, 128, 60)
     settled = next(step for step, split in enumerate(splits) if all(s == optimum for s in splits[step:]))
-    assert settled <= 6, splits[:10]
+    assert settled <= 7, splits[:10]   # the first step is warm-up, not a measure
+
+
+@pytest.mark.parametrize("penalty", [0.2, 0.3])
+def test_slow_first_steps_at_new_sizes_neither_bias_the_split_nor_look_like_a_speed_change(penalty):
+    """On CPU a rank's first step at a batch size it has not run yet takes 20-30 % longer (benchmarks/cost_model.py);
+    every move of the split meets one. Rank 1 slows from 1x to 3x at step 40 and recovers at step 80."""
+    def truth(step):
+        k = 3 if 40 <= step < 80 else 1
+        return [AffineCost(0.010, 0.001), AffineCost(0.010 * k, 0.001 * k)]
+    splits = simulate(build_balancer("model", 2), truth, 128, 120, noise=0.02, new_size_penalty=penalty)
+    for start, end, optimum in ((0, 40, 64), (40, 80, 27), (80, 120, 64)):
+        settled = next(step for step in range(start, end) if all(abs(s[1] - optimum) <= 1 for s in splits[step:end]))
+        assert settled - start <= 10, (start, splits[start:end])
+        # counted as speed, the slow first steps bias the line: 24 or 26 held where 27 is optimal
+        assert statistics.median(s[1] for s in splits[end - 20:end]) == optimum, (start, splits[start:end])
 
 
 def test_under_timing_noise_the_split_holds_still_within_one_sample():
@@ -117,17 +138,18 @@ def test_a_restored_model_balancer_decides_exactly_like_the_original():
 @pytest.mark.slow
 def test_a_training_run_fits_the_emulated_costs_exactly_and_trains_the_optimal_split(tmp_path):
     from dynbatch_core import RunConfig, run
-    result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=1, train_samples=320,
+    result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=1, train_samples=384,
                            test_samples=32, batch_size=64, balancer="model", slowdown=(1.0, 3.0),
                            emulated_sample_ms=2.0, emulated_step_ms=10.0, progress=False, out=str(tmp_path / "m")))
     assert result.steps.groupby("rank").slowdown.unique().map(list).tolist() == [[1.0], [3.0]]   # steps.csv says k
-    last = result.steps[result.steps["step"] == 4].sort_values("rank")
+    last = result.steps[result.steps["step"] == 5].sort_values("rank")
     assert last["model_a_s"].tolist() == pytest.approx([0.010, 0.030])
     assert last["model_c_s"].tolist() == pytest.approx([0.002, 0.006])
     optimum = min_max_split(64, [AffineCost(0.010, 0.002), AffineCost(0.030, 0.006)])
     assert optimum == [51, 13]   # 10 + 2 x 51 = 112 ms >= 30 + 6 x 13 = 108 ms
-    assert result.steps.query("step >= 2").pivot(index="step", columns="rank", values="rank_batch").values.tolist() \
-        == [optimum] * 3
+    # steps 0-1 are warm-up (no measure), step 2 fits proportional lines from one batch size, step 3 spreads them
+    assert result.steps.query("step >= 4").pivot(index="step", columns="rank", values="rank_batch").values.tolist() \
+        == [optimum] * 2
 
 
 def test_the_expected_step_time_gives_a_noisy_rank_slack_and_without_noise_is_the_min_max_split():
