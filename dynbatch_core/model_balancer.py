@@ -112,6 +112,8 @@ class ModelBalancer(Balancer):
                 self.spreads[rank] = residual_spread_s(_measured(window), self.lines[rank])
                 return
         window = _measured(window)
+        if not window:  # only steps that measured nothing (first steps at new sizes) are left in the window
+            return
         # A slope from batch sizes close together is mostly timing noise: fit on pairs of points far enough apart,
         # and without such a pair keep the last line fitted on them.
         gap = max(2.0, MIN_BATCH_SPREAD * statistics.median(b for b, _ in window)) - 1e-9
