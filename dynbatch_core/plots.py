@@ -173,8 +173,9 @@ def rank_batches_over_steps(steps: pd.DataFrame, *, title: str = "Per-rank batch
 def _factors(steps: pd.DataFrame, rank: int, slowdown: Sequence[float] | None) -> str:
     if slowdown is not None:
         return f"{slowdown[rank]:g}"
-    first_run = steps[steps["run"] == run_labels(steps)[0]]
-    mine = first_run[first_run["rank"] == rank].sort_values("step")["slowdown"]
+    mine = steps[steps["rank"] == rank]
+    first_run = run_labels(mine)[0]   # the first run that has this rank (runs of other sizes may share the figure)
+    mine = mine[mine["run"] == first_run].sort_values("step")["slowdown"]
     return "→".join(f"{k:g}" for k, _ in itertools.groupby(mine))
 
 

@@ -139,3 +139,14 @@ def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
     assert table.loc["dbs", "speedup"] == pytest.approx(1.8)
     assert table.loc["equal", "speedup"] == pytest.approx(1.0)
     assert table.loc["dbs", "ceiling"] == pytest.approx(2.0)
+
+
+def test_rank_legend_takes_each_ranks_factors_from_the_first_run_that_has_it():
+    from dynbatch_core import plots
+    two = pd.DataFrame({"run": "2 ranks", "step": [0, 0, 1, 1], "rank": [0, 1, 0, 1], "rank_batch": [8, 8, 12, 4],
+                        "slowdown": [1.0, 1.0, 1.0, 3.0]})
+    four = pd.DataFrame({"run": "4 ranks", "step": 0, "rank": [0, 1, 2, 3], "rank_batch": 4,
+                         "slowdown": [1.0, 1.0, 2.0, 4.0]})
+    fig = plots.rank_batches_over_steps(pd.concat([two, four], ignore_index=True))
+    labels = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert labels == ["rank 0 (k=1)", "rank 1 (k=1→3)", "rank 2 (k=2)", "rank 3 (k=4)"]
