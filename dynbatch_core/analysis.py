@@ -29,6 +29,12 @@ Definitions (n ranks, B the global batch, b_i rank i's batch, k_i its slowdown):
   time to reach       the training seconds (and samples) at which a metric first reaches a target, interpolated
                       linearly between the epoch ends where it is measured (time_to_reach: the one definition).
   speed-up            samples/s of a balancer over the equal split's at the same slowdown, last epoch.
+  priced time         a run's training seconds re-priced from one price list shared by every run compared: per
+                      global batch, the median seconds per sample over all their epochs at that batch. Load that
+                      hit one run and not another then cannot decide a race (only for runs whose cost depends on B
+                      alone: same ranks, same split rule).
+  seed band           a ratio measured once per seed and the seeds' spread [lowest, highest]: a difference only
+                      when the whole band lies on one side of the compared value (every seed agrees).
 Windows are half-open step ranges [after_step, end_step); end_step None means to the last step.
 """
 from __future__ import annotations
@@ -206,6 +212,32 @@ def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+PRICED_CLOCK = "priced time (each epoch: its samples x the median seconds per sample at its B over all runs)"
+
+
+def priced_time(epochs: pd.DataFrame) -> pd.DataFrame:
+    """The table with `priced_s`: cumulative training seconds per run (and seed, where there is a `seed` column)
+    with every epoch priced at samples x the median seconds per sample of all epochs at its global batch."""
+    per_sample = epochs["epoch_s"] / epochs["samples"]
+    price = per_sample.groupby(epochs["global_batch"]).median()
+    cost = epochs["samples"] * epochs["global_batch"].map(price)
+    keys = ["run", "seed"] if "seed" in epochs else ["run"]
+    return epochs.assign(priced_s=cost.groupby([epochs[k] for k in keys], sort=False).cumsum())
+
+
+def seed_band(ratios: Sequence[float], against: float = 1.0) -> dict:
+    """A ratio measured once per seed: its median, the seeds' spread (low, high) and where the band lies relative
+    to `against`: "above", "below", "within" (the band holds it: no difference within the seeds' noise), or
+    "one seed" (no spread to judge by)."""
+    values = [float(r) for r in ratios]
+    if not values:
+        raise ValueError("seed_band needs at least one seed's ratio")
+    low, high = min(values), max(values)
+    side = ("one seed" if len(values) == 1 else "above" if low > against else "below" if high < against
+            else "within")
+    return {"median": float(np.median(values)), "low": low, "high": high, "seeds": len(values), "side": side}
+
+
 def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_better: bool,
                   time_column: str = "wall_s") -> pd.DataFrame:
     """Per run: the training seconds (`time_column`) and samples at which `column` first reaches `target`.
@@ -230,3 +262,17 @@ def time_to_reach(epochs: pd.DataFrame, column: str, target: float, *, lower_is_
                 seen = samples[j - 1] + fraction * (samples[j] - samples[j - 1])
         rows.append({"run": run, "time_s": time_s, "samples": seen})
     return pd.DataFrame(rows, columns=["run", "time_s", "samples"])
+
+
+def seeded_race(epochs: pd.DataFrame, baseline: str, *, time_column: str = "wall_s") -> pd.DataFrame:
+    """Per seed and run: the time to that seed's lowest final test accuracy (so every run reaches it) and how many
+    times faster than `baseline` it got there (`speedup` = baseline's time / the run's). `epochs` needs run and seed
+    columns. Columns: seed, run, target, time_s, samples, speedup."""
+    rows = []
+    for seed, part in epochs.groupby("seed", sort=True):
+        target = float(part.groupby("run", sort=False)["test_acc"].last().min())
+        reach = time_to_reach(part, "test_acc", target, lower_is_better=False, time_column=time_column)
+        base = float(reach.loc[reach["run"] == baseline, "time_s"].iloc[0])
+        rows += [{"seed": int(seed), "run": row.run, "target": target, "time_s": row.time_s,
+                  "samples": row.samples, "speedup": base / row.time_s} for row in reach.itertuples()]
+    return pd.DataFrame(rows, columns=["seed", "run", "target", "time_s", "samples", "speedup"])

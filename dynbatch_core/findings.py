@@ -120,23 +120,31 @@ def describe_accuracy_race(epochs: pd.DataFrame, *, noise: bool = True) -> list[
     return findings + ([sentence] if sentence else [])
 
 
-def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau")
-                           ) -> tuple[list[str], list[str], float]:
+def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau"),
+                           time_column: str = "wall_s") -> tuple[list[str], list[str], float]:
     """(findings, comparison, target loss): time to reach the highest final training loss, and why.
 
     Time to a loss = samples needed / samples per second, so the sentence says which of the two decided it.
+    time_column "priced_s" (analysis.priced_time): the race is on priced time, which load on the machine during
+    one run cannot decide, and the wall-clock times are given beside it.
     """
-    from .analysis import time_to_reach
+    from .analysis import PRICED_CLOCK, time_to_reach
+    priced = time_column == "priced_s"
     finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
     target = float(finals["train_loss"].max())
-    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True).sort_values("time_s")
+    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True, time_column=time_column
+                          ).sort_values("time_s")
     reach["rate"] = reach["samples"] / reach["time_s"]
     fastest, slowest = reach.iloc[0], reach.iloc[-1]
-    findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it): "
-                + ", ".join(f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) + ".",
-                "Global batch per epoch: " + "; ".join(
-                    f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index)
-                + "."]
+    findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it)"
+                + (f" on {PRICED_CLOCK}" if priced else "") + ": "
+                + ", ".join(f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) + "."]
+    if priced:
+        wall = time_to_reach(epochs, "train_loss", target, lower_is_better=True).set_index("run")["time_s"]
+        findings.append("On the wall clock, which other work on the machine moves: " + ", ".join(
+            f"{run} {_seconds(wall[run])}" for run in reach["run"]) + ".")
+    findings.append("Global batch per epoch: " + "; ".join(
+        f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + ".")
     sample_ratio = slowest.samples / fastest.samples
     rate_ratio = fastest.rate / slowest.rate
     reason = "fewer samples" if sample_ratio >= rate_ratio else "faster processing of samples"
@@ -157,7 +165,7 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
             findings.append(f"Large batches are hardly faster per sample here ({throughput}), so the schedules "
                             "differ mainly in how much the loss falls per sample, where smaller batches (more "
                             "updates) tend to win early in training.")
-    spread, noise = timing_noise(epochs)
+    spread, noise = (1.0, None) if priced else timing_noise(epochs)
     if noise:
         findings.append(noise)
     by_samples = reach.sort_values("samples")
@@ -185,6 +193,42 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
                           "its seed computed P (without the 1/k, see schedules.LossPlateauSchedule), never saw a "
                           "plateau and only ever halved B, so it behaved like decreasing.")
     return findings, comparison, target
+
+
+def describe_band(band: dict, what: str, *, against: float = 1.0) -> str:
+    """'<what> 1.38× (median over 3 seeds; their range 1.21–1.52 ...)' with the verdict the band supports."""
+    spread = f"{band['low']:.2f}–{band['high']:.2f}"
+    verdict = {"one seed": "one seed, so no noise band to tell a difference from noise",
+               "within": f"the seeds' range {spread} holds {against:g}: no difference within the seeds' noise",
+               "above": f"the seeds' range {spread} lies above {against:g}: every seed agrees, a difference",
+               "below": f"the seeds' range {spread} lies below {against:g}: every seed agrees, a difference"}
+    median = "" if band["seeds"] == 1 else f"median over {band['seeds']} seeds; "
+    return f"{what} {band['median']:.2f}× ({median}{verdict[band['side']]})"
+
+
+def describe_seeded_race(race: pd.DataFrame, baseline: str, *, clock: str) -> tuple[list[str], dict]:
+    """Sentences and {run: seed band} for analysis.seeded_race's table: each run's speed-up over `baseline` in
+    reaching each seed's lowest final test accuracy, judged by the seeds' spread."""
+    from .analysis import seed_band
+    seeds = sorted(race["seed"].unique())
+    medians = race.groupby("run", sort=False)["time_s"].median().sort_values()
+    bands = {run: seed_band(part["speedup"]) for run, part in race.groupby("run", sort=False) if run != baseline}
+    over = f"median over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    sentences = [f"Time to each seed's lowest final test accuracy on {clock} ({over}): "
+                 + ", ".join(f"{run} {_seconds(t)}" for run, t in medians.items()) + "."]
+    sentences += [describe_band(band, f"{run} over {baseline}:") + "." for run, band in bands.items()]
+    return sentences, bands
+
+
+def describe_seeded_speedups(epochs: pd.DataFrame, baseline: str = "equal") -> tuple[list[str], dict]:
+    """Sentence and {run: seed band} for each run's last-epoch samples/s over `baseline`'s, per seed (epochs needs
+    run and seed columns; the last epoch, so that dbs is measured after its first re-split)."""
+    from .analysis import run_labels, seed_band
+    last = epochs.sort_values("epoch").groupby(["seed", "run"], sort=False).tail(1)
+    rates = last.pivot(index="seed", columns="run", values="samples_per_s")
+    bands = {run: seed_band(rates[run] / rates[baseline]) for run in run_labels(epochs) if run != baseline}
+    return ([f"Last-epoch throughput over {baseline}: "
+             + "; ".join(describe_band(band, run) for run, band in bands.items()) + "."], bands)
 
 
 def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:

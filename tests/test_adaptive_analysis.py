@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dynbatch_core.adaptive_findings import batch_changes, goodput_verdict
+from dynbatch_core.adaptive_findings import batch_changes, describe_verdict, goodput_verdict
 from dynbatch_core.critical_batch import emulated_clock, fit_critical_batch, noise_scale_at, with_emulated_time
 from dynbatch_core.evaluation import recompute_batch_norm
 
@@ -54,17 +54,24 @@ def _race(goodput, statics, classes):
     return pd.DataFrame(rows)
 
 
-def test_the_verdict_compares_medians_over_seeds_against_the_best_and_median_static_and_each_class_schedule():
+def test_the_verdict_judges_each_check_per_seed_and_calls_a_band_that_straddles_the_bound_within_noise():
     statics = {"static 16": [9, 10, 11], "static 64": [5, 4, 6], "static 256": [7, 8, math.nan]}
-    verdict = goodput_verdict(_race([5.3, 5.4, 9], statics, {"increasing": [6, 6, 6]}))
-    assert verdict["best_static"] == "static 64" and verdict["ratio_to_best_static"] == pytest.approx(5.4 / 5)
-    assert verdict["median_static_s"] == 8 and verdict["passed"]
-    slower = goodput_verdict(_race([5.3, 5.6, 9], statics, {"increasing": [6, 6, 6]}))
-    assert not slower["within_tolerance_of_best_static"] and not slower["passed"]
-    beaten = goodput_verdict(_race([5.3, 5.4, 9], statics, {"increasing": [5, 5, 5]}))
-    assert not beaten["faster_than_every_class_schedule"] and not beaten["passed"]
+    classes = {"increasing": [6, 6, 7]}
+    verdict = goodput_verdict(_race([5.3, 4.3, 6.2], statics, classes))   # 1.06, 1.075, 1.03 x static 64
+    assert verdict["best_static"] == "static 64" and verdict["ratio_to_best_static"] == pytest.approx(5.3 / 5)
+    assert verdict["median_static_s"] == 8 and verdict["outcome"] == "passes" and verdict["passed"]
+    assert verdict["bands"]["best_static"]["low"] == pytest.approx(6.2 / 6)
+    slower = goodput_verdict(_race([5.6, 4.5, 6.7], statics, classes))     # every seed above 1.1
+    assert slower["within_tolerance_of_best_static"] == "fail" and slower["outcome"] == "fails"
+    noisy = goodput_verdict(_race([5.3, 4.5, 6.2], statics, classes))      # 1.06, 1.125, 1.03: the band holds 1.1
+    assert noisy["within_tolerance_of_best_static"] == "within noise" and noisy["outcome"] == "within noise"
+    assert not noisy["passed"] and "within the seeds' noise" in describe_verdict(noisy)
+    beaten = goodput_verdict(_race([5.3, 4.3, 6.2], statics, {"increasing": [5, 4, 6]}))
+    assert beaten["faster_than_every_class_schedule"] == "fail" and not beaten["passed"]
     never = goodput_verdict(_race([math.nan] * 3, statics, {}))
-    assert never["goodput_s"] == math.inf and not never["passed"]
+    assert never["goodput_s"] == math.inf and never["outcome"] == "fails"
+    one_seed = goodput_verdict(_race([5.3], {name: t[:1] for name, t in statics.items()}, {"increasing": [6]}))
+    assert one_seed["outcome"] == "passes" and "no noise band" in describe_verdict(one_seed)   # 1.06 x static 64
 
 
 class _Images:

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from dynbatch_core.analysis import (balance_efficiency, ceiling_speedup, efficiency_table, ideal_split,
-                                    oscillation, runnable_ranks, settle_step, slowdown_segments, speedup_table,
-                                    step_times, steady_throughput, time_to_reach)
+                                    oscillation, priced_time, runnable_ranks, seed_band, seeded_race, settle_step,
+                                    slowdown_segments, speedup_table, step_times, steady_throughput, time_to_reach)
+from dynbatch_core.findings import describe_band
 
 
 def steps_table(rows):
@@ -150,3 +151,32 @@ def test_rank_legend_takes_each_ranks_factors_from_the_first_run_that_has_it():
     fig = plots.rank_batches_over_steps(pd.concat([two, four], ignore_index=True))
     labels = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
     assert labels == ["rank 0 (k=1)", "rank 1 (k=1→3)", "rank 2 (k=2)", "rank 3 (k=4)"]
+
+
+def test_priced_time_charges_every_epoch_at_its_batch_the_median_price_so_a_load_spike_in_one_run_does_not_count():
+    epochs = pd.DataFrame({"run": ["a", "a", "b", "b"], "global_batch": [32, 32, 32, 64],
+                           "samples": [1000, 1000, 1000, 2000], "epoch_s": [2.0, 4.0, 2.0, 2.0]})
+    priced = priced_time(epochs)   # 32: median(2, 4, 2) ms a sample = 2 ms; 64: 1 ms
+    assert priced["priced_s"].tolist() == pytest.approx([2.0, 4.0, 2.0, 4.0])
+
+
+def test_seed_band_decides_only_when_every_seed_lies_on_one_side():
+    assert seed_band([1.2, 1.5, 1.3])["side"] == "above" and seed_band([0.8, 0.9])["side"] == "below"
+    band = seed_band([0.9, 1.4, 1.1])
+    assert band["side"] == "within" and (band["low"], band["median"], band["high"]) == (0.9, 1.1, 1.4)
+    assert seed_band([1.05, 1.2], against=1.1)["side"] == "within" and seed_band([2.0])["side"] == "one seed"
+    assert "no difference" in describe_band(band, "x over y:") and "a difference" in describe_band(
+        seed_band([1.2, 1.5]), "x over y:")
+
+
+def test_seeded_race_races_each_seed_to_its_own_lowest_final_accuracy():
+    rows = []
+    for seed, (slow_acc, fast_time) in enumerate([(0.8, 5.0), (0.6, 20.0)]):
+        rows += [{"run": "equal", "seed": seed, "test_acc": acc, "wall_s": t, "samples": 100}
+                 for acc, t in [(0.5, 10.0), (slow_acc, 20.0)]]
+        rows += [{"run": "pid", "seed": seed, "test_acc": acc, "wall_s": t, "samples": 100}
+                 for acc, t in [(0.9, fast_time), (0.95, 2 * fast_time)]]
+    race = seeded_race(pd.DataFrame(rows), "equal")
+    pid = race[race["run"] == "pid"].set_index("seed")
+    assert race.groupby("seed")["target"].first().tolist() == [0.8, 0.6]
+    assert pid["speedup"].tolist() == pytest.approx([20 / 5, 20 / 20])   # equal ends on its target

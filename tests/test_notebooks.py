@@ -31,7 +31,7 @@ SMOKE_PARAMETERS = {
     # the machine's load (real timing measured 1.14 to 1.9 for the same run on this shared machine)
     "heterogeneous": {"world_size": 2, "slowdown": [1, 3], "train_samples": 768, "test_samples": 200, "epochs": 2,
                       "batch_size": 64, "balancers": ["equal", "dbs", "pid"], "sweep_slowest": [],
-                      "emulated_sample_ms": 2.0},
+                      "emulated_sample_ms": 2.0, "seeds": [0, 1]},
     # the emulated clock makes goodput's decisions deterministic; target 0.3 is reached by every run here
     "adaptive": {"world_size": 2, "train_samples": 512, "test_samples": 250, "epochs": 3, "eval_bn_samples": 256,
                  "static_batches": [16, 128], "class_schedules": {"increasing": 16}, "goodput_batch": 32,
@@ -203,6 +203,11 @@ def test_heterogeneous_balancers_give_the_fast_rank_more_and_speed_up_over_equal
     assert split["dbs"][0] > split["dbs"][1] and split["pid"][0] > split["pid"][1]  # rank 1 is 3x slower
     speedup = {row["balancer"]: row["speedup"] for row in summary["speedup"]}
     assert speedup["dbs"] > 1.5  # ceiling 2.0: equal waits 32 x 3 x 2 = 192 ms a step, a balanced 48/16 split 96 ms
+    # the known large effect comes out as a difference: every seed's pid throughput lies above equal's
+    band = summary["seed_bands"]["speedup"]["pid"]
+    assert band["seeds"] == 2 and band["side"] == "above" and band["low"] > 1.5
+    speedup_sentence = summary["figures"][-1]["findings"][0]
+    assert "pid 1." in speedup_sentence and "every seed agrees" in speedup_sentence
     assert all(run["final_test_acc"] > 0.2 for run in summary["runs"].values())
 
 
