@@ -208,13 +208,14 @@ def describe_band(band: dict, what: str, *, against: float = 1.0) -> str:
 
 def describe_seeded_race(race: pd.DataFrame, baseline: str, *, clock: str) -> tuple[list[str], dict]:
     """Sentences and {run: seed band} for analysis.seeded_race's table: each run's speed-up over `baseline` in
-    reaching each seed's lowest final test accuracy, judged by the seeds' spread."""
+    reaching each seed's target accuracy, judged by the seeds' spread."""
     from .analysis import seed_band
     seeds = sorted(race["seed"].unique())
     medians = race.groupby("run", sort=False)["time_s"].median().sort_values()
     bands = {run: seed_band(part["speedup"]) for run, part in race.groupby("run", sort=False) if run != baseline}
     over = f"median over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    sentences = [f"Time to each seed's lowest final test accuracy on {clock} ({over}): "
+    sentences = [f"Time to the test accuracy every run of a seed reached (the lowest of their best) on {clock} "
+                 f"({over}): "
                  + ", ".join(f"{run} {_seconds(t)}" for run, t in medians.items()) + "."]
     sentences += [describe_band(band, f"{run} over {baseline}:") + "." for run, band in bands.items()]
     return sentences, bands

@@ -169,14 +169,15 @@ def test_seed_band_decides_only_when_every_seed_lies_on_one_side():
         seed_band([1.2, 1.5]), "x over y:")
 
 
-def test_seeded_race_races_each_seed_to_its_own_lowest_final_accuracy():
+def test_seeded_race_races_each_seed_to_the_lowest_best_accuracy_of_its_runs():
     rows = []
-    for seed, (slow_acc, fast_time) in enumerate([(0.8, 5.0), (0.6, 20.0)]):
+    for seed, (slow_acc, fast_time, fast_last) in enumerate([(0.8, 5.0, 0.95), (0.6, 20.0, 0.55)]):
         rows += [{"run": "equal", "seed": seed, "test_acc": acc, "wall_s": t, "samples": 100}
                  for acc, t in [(0.5, 10.0), (slow_acc, 20.0)]]
         rows += [{"run": "pid", "seed": seed, "test_acc": acc, "wall_s": t, "samples": 100}
-                 for acc, t in [(0.9, fast_time), (0.95, 2 * fast_time)]]
+                 for acc, t in [(0.9, fast_time), (fast_last, 2 * fast_time)]]
     race = seeded_race(pd.DataFrame(rows), "equal")
     pid = race[race["run"] == "pid"].set_index("seed")
+    # seed 1: pid's late dip to 0.55 does not make 0.55 the target (equal would reach it at 15 s, a 0.75x)
     assert race.groupby("seed")["target"].first().tolist() == [0.8, 0.6]
-    assert pid["speedup"].tolist() == pytest.approx([20 / 5, 20 / 20])   # equal ends on its target
+    assert pid["speedup"].tolist() == pytest.approx([20 / 5, 20 / 20])   # equal reaches its best at its end
