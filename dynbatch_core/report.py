@@ -137,7 +137,7 @@ def main_report(args: argparse.Namespace) -> int:
                 last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
                 failed[notebook] = last_line
                 bar.write(f"[dynbatch] {notebook} FAILED: {last_line}")
-    report_path = write_report(repo, out, failed)
+    report_path = write_report(repo, out, failed, parameter_set=args.params)
     print(report_path)
     return 1 if failed else 0
 
@@ -153,14 +153,16 @@ def data_parameters(args: argparse.Namespace, repo: Path, notebook: str) -> dict
     return parameters
 
 
-def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] = ()) -> Path:
+def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] = (), *,
+                 parameter_set: str | None = None) -> Path:
     """<out>/REPORT.md from <out>/figures/*__summary.json and the executed notebooks' metadata. `failed`: the
     notebooks that failed, with their error lines (a dict) or without (a list); each is named, with its error, at
-    the top of the report, where no reader can miss it."""
+    the top of the report, where no reader can miss it. parameter_set: the set this command ran (named even when
+    no notebook of it succeeded)."""
     failed = dict(failed) if isinstance(failed, dict) else {notebook: "" for notebook in failed}
     import nbformat
     from .rundir import git_commit
-    sections, comparisons, total_s, parameter_sets = [], [], 0.0, set()
+    sections, comparisons, total_s, parameter_sets = [], [], 0.0, {parameter_set} - {None}
     commit, done = git_commit() or "unknown", 0
     for notebook in NOTEBOOKS:
         summary_path = out / "figures" / f"{notebook}__summary.json"

@@ -248,7 +248,9 @@ def test_report_md_shows_each_executed_notebooks_figures_findings_and_parameters
 
 
 def test_a_failed_notebook_and_its_error_line_stand_at_the_top_of_the_report(tmp_path):
-    text = report.write_report(REPO, tmp_path, {"1gpu_mnist": "ValueError: dataset 'mnist': no data found"}).read_text()
+    text = report.write_report(REPO, tmp_path, {"1gpu_mnist": "ValueError: dataset 'mnist': no data found"},
+                               parameter_set="report").read_text()
+    assert "`python -m dynbatch_core report --params report`" in text   # named though no notebook ran
     top = text.split("## Comparison with the class study")[0]
     assert "1 notebook(s) FAILED" in top and "`1gpu_mnist`: `ValueError: dataset 'mnist': no data found`" in top
     assert "## 1gpu_mnist\n\n*failed*: `ValueError: dataset 'mnist': no data found`" in text
