@@ -4,14 +4,18 @@
     python benchmarks/cost_model.py --only emulated  # the noise-free check alone (~1 min)
 
 Parts (MNIST, resnet8, global batch 128, one invocation, runs interleaved so machine load hits all alike):
-  real [1,3]        2 ranks, rank 1 three times slower, real timing: model, pid and fixed splits b_1 = 24..34
+  real [1,3]        2 ranks, rank 1 three times slower, real timing. First the sweep: fixed splits b_1 = 24..34
                     (weights balancer) around the speed-proportional 32, --repeats times; the oracle is the fixed
-                    split with the best median over the repeats.
-  real [1,1,2,4]    4 ranks on 2 cores: model, pid, equal [1,1,1,1] (the noise floor of balance efficiency) and
-                    fixed splits from min-max splits of lines (alpha + b) k_i, alpha = 0..24 samples of fixed cost.
+                    split with the best median over the sweep. Then the race: model, pid and the oracle's split run
+                    side by side, --race-repeats times (order rotated). The race's runs of the oracle are the
+                    yardstick: the sweep's best median is the luckiest of several noisy medians, inflated by picking.
+  real [1,1,2,4]    4 ranks on 2 cores, the same with fixed splits from min-max splits of lines (alpha + b) k_i,
+                    alpha = 0..24 samples of fixed cost, and equal [1,1,1,1] (the noise floor of balance efficiency).
   trace 1→3→1       2 ranks, rank 1 slows to 3x at step 32 and recovers at 64, real timing: model and pid.
   emulated          --emulated-sample-ms 2 --emulated-step-ms 10 (no timing noise), [1,3] and [1,1,2,4]: the model
                     must land on the exact optimal integer split of the true lines (10 + 2 b) k_i ms and stay.
+Ratios are paired: model / oracle and model / pid within each race repeat (runs a few seconds apart), their
+median and range over the repeats ("above" / "below" 1 when every repeat agrees, else "within" the noise).
 Per run: steady samples/s over the second half of its steps (sum of global batches / sum of step times, a step
 lasting its slowest rank's compute + wait), the step after which every rank's batch stays within 1 sample of the
 run's final split ("settle"), the largest swing of a rank's batch after that in samples ("swing"), balance efficiency.
@@ -84,9 +88,34 @@ def measure(result, part: str, label: str, repeat: int, segments=None) -> list[d
     return rows
 
 
+def rotate(runs: list, repeat: int) -> list:
+    """The runs in another order each repeat, so no run always follows the same one."""
+    return runs[repeat % len(runs):] + runs[:repeat % len(runs)]
+
+
+def real_jobs(args, part: str, runs: list, repeat: int, phase: str) -> list:
+    jobs = []
+    for label, options in runs:
+        name = f"{part}-{label}-{phase}{repeat}".replace(" ", "_").replace("/", "-").replace("[", "").replace("]", "")
+        world_size = len(options["slowdown"])
+        jobs.append((part, label, repeat, config(args, name, world_size, steps=args.steps, **options), None))
+    return jobs
+
+
+def run_jobs(jobs: list, description: str, traces: list | None = None) -> list[dict]:
+    rows = []
+    for part, label, repeat, run_config, segments in tqdm(jobs, desc=description, unit="run"):
+        result = run(run_config)
+        rows += measure(result, part, label, repeat, segments)
+        if traces is not None and (part.startswith("trace") or part.startswith("emulated")):
+            traces.append(result.steps.assign(run=f"{part}: {label}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the fixed-split sweep")
+    parser.add_argument("--race-repeats", type=int, default=5, help="repeats of model, pid and the oracle's split")
     parser.add_argument("--steps", type=int, default=48, help="steps per real-timing run (8 per epoch)")
     parser.add_argument("--only", nargs="+", choices=["real", "four", "trace", "emulated"])
     parser.add_argument("--data-dir", default=os.environ.get("DYNBATCH_DATA"))
@@ -96,22 +125,29 @@ def main() -> None:
     parts = set(args.only or ["real", "four", "trace", "emulated"])
     started = time.perf_counter()
 
-    jobs = []  # (part, label, repeat, config, segments)
+    real_parts = [(part, slowdown) for part, slowdown, key in (("real [1,3]", (1.0, 3.0), "real"),
+                                                               ("real [1,1,2,4]", (1.0, 1.0, 2.0, 4.0), "four"))
+                  if key in parts]
+    sweep = []  # (part, label, repeat, config, segments)
     for repeat in range(args.repeats):
-        for part, slowdown, extra in (("real [1,3]", (1.0, 3.0), ()), ("real [1,1,2,4]", (1.0, 1.0, 2.0, 4.0),
-                                                                       ("equal [1,1,1,1]",))):
-            if ("real" if len(slowdown) == 2 else "four") not in parts:
-                continue
-            n = len(slowdown)
-            runs = [("model", dict(balancer="model", slowdown=slowdown)), ("pid", dict(balancer="pid", slowdown=slowdown))]
-            runs += [(f"fixed {'/'.join(map(str, split))}", dict(balancer="weights", rank_weights=tuple(map(float, split)),
-                                                                 slowdown=slowdown)) for split in fixed_splits(slowdown)]
-            if extra:
-                runs.append((extra[0], dict(balancer="equal", slowdown=(1.0,) * n)))
-            runs = runs[repeat % len(runs):] + runs[:repeat % len(runs)]  # rotate the order between repeats
-            for label, options in runs:
-                name = f"{part}-{label}-{repeat}".replace(" ", "_").replace("/", "-").replace("[", "").replace("]", "")
-                jobs.append((part, label, repeat, config(args, name, n, steps=args.steps, **options), None))
+        for part, slowdown in real_parts:
+            runs = [(f"fixed {'/'.join(map(str, split))}", dict(balancer="weights", rank_weights=tuple(map(float, split)),
+                                                                slowdown=slowdown)) for split in fixed_splits(slowdown)]
+            sweep += real_jobs(args, part, rotate(runs, repeat), repeat, "sweep")
+    rows = run_jobs(sweep, "sweep of fixed splits")
+
+    jobs = []
+    for repeat in range(args.race_repeats):
+        for part, slowdown in real_parts:
+            fixed = pd.DataFrame([row for row in rows if row["part"] == part])
+            oracle = fixed.groupby("run")["samples_per_s"].median().idxmax()
+            split = tuple(float(b) for b in oracle.removeprefix("fixed ").split("/"))
+            runs = [("model", dict(balancer="model", slowdown=slowdown)),
+                    ("pid", dict(balancer="pid", slowdown=slowdown)),
+                    ("oracle", dict(balancer="weights", rank_weights=split, slowdown=slowdown))]
+            if len(slowdown) == 4:
+                runs.append(("equal [1,1,1,1]", dict(balancer="equal", slowdown=(1.0,) * 4)))
+            jobs += real_jobs(args, part, rotate(runs, repeat), repeat, "race")
     if "trace" in parts:
         trace = "0:1,1;32:1,3;64:1,1"
         for balancer in ("model", "pid"):
@@ -124,12 +160,8 @@ def main() -> None:
                 args, f"emulated-{len(slowdown)}", len(slowdown), 48, balancer="model", slowdown=slowdown,
                 emulated_sample_ms=SAMPLE_MS, emulated_step_ms=STEP_MS), None))
 
-    rows, traces = [], []
-    for part, label, repeat, run_config, segments in tqdm(jobs, desc="cost-model benchmark", unit="run"):
-        result = run(run_config)
-        rows += measure(result, part, label, repeat, segments)
-        if part.startswith("trace") or part.startswith("emulated"):
-            traces.append(result.steps.assign(run=f"{part}: {label}"))
+    traces = []
+    rows += run_jobs(jobs, "race, trace, emulated", traces)
     table = pd.DataFrame(rows)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,27 +184,30 @@ def main() -> None:
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per part and run label: median and range over repeats. The fixed splits give the oracle: the one split whose
-    median over repeats is best (the split one would fix), and "best fixed per repeat", each repeat's fastest fixed
-    run: an upper bound that picking the luckiest of several noisy runs inflates."""
+    """Per part and run label: median and range over repeats. For the real parts, "of oracle" and "of pid" are the
+    paired ratios (this run / the race's oracle run, this run / the race's pid run, same repeat): their median and
+    range, and the band's side against 1 (analysis.seed_band). "sweep best" is the oracle split's sweep runs."""
     rows = []
     for part, group in table.groupby("part", sort=False):
         fixed = group[group["run"].str.startswith("fixed")]
-        oracle = per_repeat = fixed
+        race = group[~group["run"].str.startswith("fixed")]
+        labelled = race
         if not fixed.empty:
-            oracle = fixed[fixed["run"] == fixed.groupby("run")["samples_per_s"].median().idxmax()]
-            per_repeat = fixed.loc[fixed.groupby("repeat")["samples_per_s"].idxmax()]
-        labelled = pd.concat([group[~group["run"].str.startswith("fixed")], oracle.assign(run="oracle"),
-                              per_repeat.assign(run="best fixed per repeat")])
-        oracle_median = oracle["samples_per_s"].median() if not oracle.empty else float("nan")
+            best = fixed.groupby("run")["samples_per_s"].median().idxmax()
+            labelled = pd.concat([race, fixed[fixed["run"] == best].assign(run=f"sweep best ({best})")])
+        by_repeat = race[race["segment_start"] == 0].pivot_table(index="repeat", columns="run", values="samples_per_s")
         for (label, start), runs in labelled.groupby(["run", "segment_start"], sort=False):
-            rows.append({"part": part, "run": label, "segment_start": start, "repeats": len(runs),
-                         "samples_per_s": runs["samples_per_s"].median(),
-                         "spread": runs["samples_per_s"].max() - runs["samples_per_s"].min(),
-                         "of_oracle": runs["samples_per_s"].median() / oracle_median,
-                         "settle_steps": runs["settle_steps"].median(), "swing_samples": runs["swing_samples"].max(),
-                         "efficiency": runs["efficiency"].median(),
-                         "final_split": ", ".join(runs["final_split"].unique())})
+            row = {"part": part, "run": label, "segment_start": start, "repeats": len(runs),
+                   "samples_per_s": runs["samples_per_s"].median(),
+                   "spread": runs["samples_per_s"].max() - runs["samples_per_s"].min(),
+                   "settle_steps": runs["settle_steps"].median(), "settle_max": runs["settle_steps"].max(),
+                   "swing_samples": runs["swing_samples"].max(), "efficiency": runs["efficiency"].median(),
+                   "final_split": ", ".join(runs["final_split"].unique())}
+            for against in ("oracle", "pid"):
+                if against in by_repeat and label in by_repeat and label != against:
+                    band = analysis.seed_band((by_repeat[label] / by_repeat[against]).dropna())
+                    row[f"of_{against}"] = f"{band['median']:.3f} ({band['low']:.3f}-{band['high']:.3f}, {band['side']})"
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -120,27 +120,3 @@ def expected_step_s(split: Sequence[int], lines: Sequence[AffineCost], residuals
         return predicted_step_s(split, lines)
     times = [line.time_s(b) for b, line in zip(split, lines)]
     return sum(max(t + r for t, r in zip(times, row)) for row in residuals) / len(residuals)
-
-
-def expected_max_split(total: int, lines: Sequence[AffineCost], residuals: Sequence[Sequence[float]], *,
-                       min_size: int = 1, max_size: int | None = None) -> list[int]:
-    """The split with the lowest expected_step_s among a few candidates, each exact for its own lines: the min-max
-    split of the lines raised by a quantile of each rank's residuals (a noisy rank gets slack in proportion to its
-    noise; one quantile for all ranks), for quantiles 0 (the plain min-max split), 1/2, 3/4 and 9/10.
-    Without residuals (or all zero) this is the exact min-max split of the lines."""
-    plain = min_max_split(total, lines, min_size=min_size, max_size=max_size)
-    if not residuals or max(abs(r) for row in residuals for r in row) < 1e-9:  # no timing noise
-        return plain
-    columns = [sorted(column) for column in zip(*residuals)]
-    best, best_s = plain, expected_step_s(plain, lines, residuals)
-    for quantile in SLACK_QUANTILES:
-        raised = [AffineCost(line.a_s + max(0.0, column[round(quantile * (len(column) - 1))]), line.c_s)
-                  for line, column in zip(lines, columns)]
-        candidate = min_max_split(total, raised, min_size=min_size, max_size=max_size)
-        seconds = expected_step_s(candidate, lines, residuals)
-        if seconds < best_s - 1e-12:
-            best, best_s = candidate, seconds
-    return best
-
-
-SLACK_QUANTILES = (0.5, 0.75, 0.9)

@@ -8,12 +8,15 @@ import statistics
 from typing import Sequence
 
 from .balancer_base import Balancer
-from .cost_model import (AffineCost, expected_max_split, expected_step_s, fit_affine, predicted_step_s,
-                         proportional_fit, residual_spread_s)
+from .cost_model import (AffineCost, expected_step_s, fit_affine, min_max_split, predicted_step_s, proportional_fit,
+                         residual_spread_s)
 
 
-CHANGE_STEPS = 3         # model: this many outlying steps in a row on one side mean the rank's speed changed
+CHANGE_STEPS = 4         # model: this many outlying steps in a row on one side mean the rank's speed changed (3 slow
+                         # steps in a row came from load alone on CPU, seen once in 3 runs of [1,3]: a false change
+                         # costs ~5 steps at a wrong split)
 CHANGE_FLOOR = 0.15      # model: an outlier lies at least this fraction of the prediction off it
+MAX_FIXED_SHARE = 0.5    # model: a line's fixed cost is at most this share of its time at the window's batch size
 MIN_BATCH_SPREAD = 0.1   # model: slopes only from pairs of points whose batches differ by this share of b
 WARMUP_STEPS = 2         # model: the run's first steps measure nothing (CPU, 2 ranks: 1.6x and 1.1x the steady time
                          # at the median over runs, 2.2x and 1.4x at the 90th percentile)
@@ -32,18 +35,18 @@ class ModelBalancer(Balancer):
                 lies over 15 % above the line, measure nothing: a new shape costs 20-30 % once on CPU, and counted
                 as speed it biased the line and looked like a slowdown. (Not the 4-spread gate below: right after
                 a rescale that gate is too wide to tell such a step from noise.)
-      change    three steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
+      change    four steps in a row whose residual lies beyond max(4 x the residual spread, 15 % of the
                 prediction), on the same side, mean the rank's speed changed: its line is scaled by the new points'
                 measured / predicted ratio (a slowdown multiplies both the fixed and the per-sample cost), and so
                 are the times of the window's older points, which keeps the cost's shape at the new level.
-      split     the split that minimises the expected step time: a step lasts as long as its slowest rank's
-                actual time, so each candidate is priced as the mean over the window's steps of max_i (t_i(b_i) +
-                that step's residual of rank i) (cost_model.expected_max_split): a noisy rank gets slack, and
-                contention between ranks is kept as measured. Without timing noise (emulated costs) it is the
-                exact integer min-max split of the lines.
+      split     the exact integer min-max split of the lines (cost_model.min_max_split). No slack for a noisy
+                rank: measured on [1,3] (real timing), choosing among splits that gave the noisier slow rank some
+                slack ended 2-3 samples below the balanced split and lost 2-3 % of the throughput to it.
       hold      the split in use changes only when the new one's expected step time beats it by more than the
                 largest residual spread over the square root of the window (the noise of that mean; hysteresis
-                in the model's own units), so timing noise does not move it.
+                in the model's own units), so timing noise does not move it. The expected step time of a split
+                is the mean over the window's steps of max_i (t_i(b_i) + that step's residual of rank i): a step
+                lasts as long as its slowest rank, and contention between ranks is kept as measured.
       spread    while some rank's line is not yet affine (its points hold one batch size), every other step moves one
                 sample between two ranks chosen from the step count (never a random draw): every rank and every
                 resumed run do the same.
@@ -119,7 +122,7 @@ class ModelBalancer(Balancer):
         gap = max(2.0, MIN_BATCH_SPREAD * statistics.median(b for b, _ in window)) - 1e-9
         fitted = fit_affine(window, min_gap=gap)
         if fitted is not None:
-            self.lines[rank], self.affine[rank] = fitted, True
+            self.lines[rank], self.affine[rank] = _at_most_half_fixed(fitted, window), True
         elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
             self.lines[rank] = proportional_fit(window)
         if self.lines[rank] is not None:
@@ -148,8 +151,7 @@ class ModelBalancer(Balancer):
         if any(line is None for line in self.lines):
             return super().split(global_batch)
         residuals = self.residuals()
-        best = expected_max_split(global_batch, self.lines, residuals, min_size=self.min_rank_batch,
-                                  max_size=self.max_rank_batch)
+        best = min_max_split(global_batch, self.lines, min_size=self.min_rank_batch, max_size=self.max_rank_batch)
         held = self.held
         # Hysteresis: the expected step time is a mean over the window, so its noise is the residual spread over
         # the square root of the window's length.
@@ -189,6 +191,17 @@ class ModelBalancer(Balancer):
         self.outliers, self.steps = list(state["outliers"]), state["steps"]
         self.held = list(state["held"]) or None
         self.sizes_run = [set(map(float, sizes)) for sizes in state.get("sizes_run", [[]] * self.world_size)]
+
+
+def _at_most_half_fixed(line: AffineCost, window: list[tuple[float, float]]) -> AffineCost:
+    """The line, or where its fixed cost is over MAX_FIXED_SHARE of the time at the window's median batch, the line
+    through that point with that share: a slope flattened by load (measured: 0.25 ms/sample where 1.1 was true, on
+    points a few samples apart, in a [1,3] run under load) made moving samples look free: a split 6 samples off held."""
+    batch = statistics.median(b for b, _ in window)
+    seconds = line.time_s(batch)
+    if line.a_s <= MAX_FIXED_SHARE * seconds:
+        return line
+    return AffineCost(MAX_FIXED_SHARE * seconds, (1 - MAX_FIXED_SHARE) * seconds / batch)
 
 
 def _measured(window: list[tuple[float, float | None]]) -> list[tuple[float, float]]:
