@@ -1,6 +1,6 @@
 """The cost-model balancer against pid and the oracle: the best fixed split, found by sweeping it in the same run.
 
-    python benchmarks/cost_model.py                  # everything, ~15 min on 2 shared CPU cores
+    python benchmarks/cost_model.py                  # everything, ~12 min on 2 shared CPU cores
     python benchmarks/cost_model.py --only emulated  # the noise-free check alone (~1 min)
 
 Parts (MNIST, resnet8, global batch 128, one invocation, runs interleaved so machine load hits all alike):
