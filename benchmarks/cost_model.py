@@ -19,7 +19,8 @@ median and range over the repeats ("above" / "below" 1 when every repeat agrees,
 Per run: steady samples/s over the second half of its steps (sum of global batches / sum of step times, a step
 lasting its slowest rank's compute + wait), the step after which every rank's batch stays within 1 sample of the
 run's final split ("settle"), the largest swing of a rank's batch after that in samples ("swing"), balance efficiency.
-Writes outputs/benchmarks/cost_model_{runs,summary}.csv and cost_model.png; run folders go to runs/benchmarks/cost_model.
+Writes outputs/benchmarks/cost_model_{runs,summary}.csv and cost_model.png; run folders go to
+runs/benchmarks/cost_model.
 """
 from __future__ import annotations
 
@@ -131,17 +132,21 @@ def main() -> None:
     sweep = []  # (part, label, repeat, config, segments)
     for repeat in range(args.repeats):
         for part, slowdown in real_parts:
-            runs = [(f"fixed {'/'.join(map(str, split))}", dict(balancer="weights", rank_weights=tuple(map(float, split)),
-                                                                slowdown=slowdown)) for split in fixed_splits(slowdown)]
+            runs = [(f"fixed {'/'.join(map(str, split))}",
+                     dict(balancer="weights", rank_weights=tuple(map(float, split)), slowdown=slowdown))
+                    for split in fixed_splits(slowdown)]
             sweep += real_jobs(args, part, rotate(runs, repeat), repeat, "sweep")
     rows = run_jobs(sweep, "sweep of fixed splits")
 
+    sweep_table = pd.DataFrame(rows)
+    oracle_splits = {}  # per part: the fixed split with the best median over the sweep
+    for part, _ in real_parts:
+        best = sweep_table[sweep_table["part"] == part].groupby("run")["samples_per_s"].median().idxmax()
+        oracle_splits[part] = tuple(float(b) for b in best.removeprefix("fixed ").split("/"))
     jobs = []
     for repeat in range(args.race_repeats):
         for part, slowdown in real_parts:
-            fixed = pd.DataFrame([row for row in rows if row["part"] == part])
-            oracle = fixed.groupby("run")["samples_per_s"].median().idxmax()
-            split = tuple(float(b) for b in oracle.removeprefix("fixed ").split("/"))
+            split = oracle_splits[part]
             runs = [("model", dict(balancer="model", slowdown=slowdown)),
                     ("pid", dict(balancer="pid", slowdown=slowdown)),
                     ("oracle", dict(balancer="weights", rank_weights=split, slowdown=slowdown))]
@@ -206,7 +211,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
             for against in ("oracle", "pid"):
                 if against in by_repeat and label in by_repeat and label != against:
                     band = analysis.seed_band((by_repeat[label] / by_repeat[against]).dropna())
-                    row[f"of_{against}"] = f"{band['median']:.3f} ({band['low']:.3f}-{band['high']:.3f}, {band['side']})"
+                    row[f"of_{against}"] = (f"{band['median']:.3f} ({band['low']:.3f}-{band['high']:.3f}, "
+                                            f"{band['side']})")
             rows.append(row)
     return pd.DataFrame(rows)
 

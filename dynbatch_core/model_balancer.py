@@ -119,10 +119,10 @@ class ModelBalancer(Balancer):
             return
         # A slope from batch sizes close together is mostly timing noise: fit on pairs of points far enough apart,
         # and without such a pair keep the last line fitted on them.
-        gap = max(2.0, MIN_BATCH_SPREAD * statistics.median(b for b, _ in window)) - 1e-9
-        fitted = fit_affine(window, min_gap=gap)
+        median_batch = statistics.median(b for b, _ in window)
+        fitted = fit_affine(window, min_gap=max(2.0, MIN_BATCH_SPREAD * median_batch) - 1e-9)
         if fitted is not None:
-            self.lines[rank], self.affine[rank] = _at_most_half_fixed(fitted, window), True
+            self.lines[rank], self.affine[rank] = _at_most_half_fixed(fitted, median_batch), True
         elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
             self.lines[rank] = proportional_fit(window)
         if self.lines[rank] is not None:
@@ -193,11 +193,10 @@ class ModelBalancer(Balancer):
         self.sizes_run = [set(map(float, sizes)) for sizes in state.get("sizes_run", [[]] * self.world_size)]
 
 
-def _at_most_half_fixed(line: AffineCost, window: list[tuple[float, float]]) -> AffineCost:
-    """The line, or where its fixed cost is over MAX_FIXED_SHARE of the time at the window's median batch, the line
-    through that point with that share: a slope flattened by load (measured: 0.25 ms/sample where 1.1 was true, on
-    points a few samples apart, in a [1,3] run under load) made moving samples look free: a split 6 samples off held."""
-    batch = statistics.median(b for b, _ in window)
+def _at_most_half_fixed(line: AffineCost, batch: float) -> AffineCost:
+    """The line, or where its fixed cost is over MAX_FIXED_SHARE of its time at `batch` (the window's median), the
+    line through that point with that share. A slope flattened by load (0.25 ms/sample where 1.1 was true, in a
+    [1,3] run under load) made moving samples to that rank look free, and a split 6 samples off balance was held."""
     seconds = line.time_s(batch)
     if line.a_s <= MAX_FIXED_SHARE * seconds:
         return line

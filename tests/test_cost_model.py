@@ -51,9 +51,10 @@ def test_the_fit_recovers_a_line_and_ignores_outliers():
     assert fit_affine([(32, 0.1), (32, 0.11)]) is None  # one batch size: no line
 
 
-def simulate(balancer, truth, global_batch, steps, noise=0.0, seed=0, new_size_penalty=0.0):
+def simulate(balancer, truth, global_batch, steps, noise=0.0, seed=0, new_size_penalty=0.0, late=None):
     """Feed the balancer the compute times `truth(step)` (AffineCost per rank) gives its own splits; a rank's first
-    step at a batch size it has not run yet (and the run's first step) takes 1 + new_size_penalty times as long."""
+    step at a batch size it has not run yet (and the run's first step) takes 1 + new_size_penalty times as long;
+    `late(step)`, seconds per rank, is added to each step's times (a descheduled rank)."""
     rng = random.Random(seed)
     splits, sizes_run = [], [set() for _ in range(balancer.world_size)]
     for step in range(steps):
@@ -62,6 +63,8 @@ def simulate(balancer, truth, global_batch, steps, noise=0.0, seed=0, new_size_p
         times = [line.time_s(b) * (1 + rng.uniform(-noise, noise)) for line, b in zip(lines, split)]
         times = [t * (1 + new_size_penalty) if step == 0 or b not in sizes else t
                  for t, b, sizes in zip(times, split, sizes_run)]
+        if late is not None:
+            times = [t + extra for t, extra in zip(times, late(step))]
         for sizes, b in zip(sizes_run, split):
             sizes.add(b)
         balancer.observe(times, split)
@@ -155,15 +158,8 @@ def test_a_noisy_slow_rank_gets_no_slack_the_split_stays_the_min_max_split():
     """Rank 1 is 30 ms late every other step (a descheduled slow rank). Splits priced on each step's slowest rank
     gave it 5 samples of slack here (22 where 27 is the lines' optimum), which on real [1,3] runs lost 2-3 % of the
     throughput; now the split is the lines' (their fit sees the late steps a little: 26 or 27)."""
-    balancer = build_balancer("model", 2)
-    rng = random.Random(0)
-    splits = []
-    for step in range(80):
-        split = balancer.split(128)
-        times = [line.time_s(b) * (1 + rng.uniform(-0.02, 0.02)) for line, b in zip(SLOW_1_3, split)]
-        times[1] += 0.030 if step % 2 == 0 else 0.0
-        balancer.observe(times, split)
-        splits.append(split)
+    splits = simulate(build_balancer("model", 2), lambda step: SLOW_1_3, 128, 80, noise=0.02,
+                      late=lambda step: [0.0, 0.030 if step % 2 == 0 else 0.0])
     assert min_max_split(128, SLOW_1_3) == [101, 27]
     assert all(abs(split[1] - 27) <= 1 for split in splits[20:]), splits[20:]
 
