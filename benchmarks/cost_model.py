@@ -19,17 +19,21 @@ median and range over the repeats ("above" / "below" 1 when every repeat agrees,
 Per run: steady samples/s over the second half of its steps (sum of global batches / sum of step times, a step
 lasting its slowest rank's compute + wait), the step after which every rank's batch stays within 1 sample of the
 run's final split ("settle"), the largest swing of a rank's batch after that in samples ("swing"), balance efficiency.
-Writes outputs/benchmarks/cost_model_{runs,summary}.csv and cost_model.png; run folders go to
+Timing resolution (from the [1,3] sweep): how many steps at one split it takes this machine's timing to place the
+balance point within +-1 sample (timing_resolution), against which settling and "model >= pid" can be judged.
+Writes outputs/benchmarks/cost_model_{runs,summary,resolution}.csv and cost_model.png; run folders go to
 runs/benchmarks/cost_model.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -103,14 +107,42 @@ def real_jobs(args, part: str, runs: list, repeat: int, phase: str) -> list:
     return jobs
 
 
-def run_jobs(jobs: list, description: str, traces: list | None = None) -> list[dict]:
+def run_jobs(jobs: list, description: str, traces: list | None = None, sweeps: list | None = None) -> list[dict]:
     rows = []
     for part, label, repeat, run_config, segments in tqdm(jobs, desc=description, unit="run"):
         result = run(run_config)
         rows += measure(result, part, label, repeat, segments)
         if traces is not None and (part.startswith("trace") or part.startswith("emulated")):
             traces.append(result.steps.assign(run=f"{part}: {label}"))
+        if sweeps is not None and run_config.world_size == 2:
+            sweeps.append(result.steps.assign(part=part, run=label, repeat=repeat))
     return rows
+
+
+def timing_resolution(sweep_steps: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """How finely this machine's timing can place a 2-rank split, from the sweep's fixed-split runs.
+
+    Per run: the per-step difference d = compute_0 - compute_1 over the second half of its full steps, its mean
+    and standard deviation. A least-squares line through the runs' mean d against b_1 gives the ms that one sample
+    moved from rank 0 to rank 1 takes off d; n = (2 sd / that)^2 is the number of steps at one split whose mean d
+    places the balance point within +-1 sample at two standard errors (what a controller needs to settle there)."""
+    runs = []
+    for (part, label, repeat), steps in sweep_steps.groupby(["part", "run", "repeat"], sort=False):
+        seconds = steps.pivot(index="step", columns="rank", values="compute_s")
+        batches = steps.pivot(index="step", columns="rank", values="rank_batch")
+        full = batches.sum(axis=1) == BATCH
+        seconds, batches = seconds[full], batches[full]
+        half = seconds.index >= seconds.index.min() + (seconds.index.max() - seconds.index.min()) // 2
+        difference_ms = (seconds[0] - seconds[1])[half] * 1e3
+        runs.append({"part": part, "run": label, "repeat": repeat, "rank1_batch": int(batches[1].median()),
+                     "steps": int(half.sum()), "difference_ms": difference_ms.mean(),
+                     "difference_sd_ms": difference_ms.std()})
+    table = pd.DataFrame(runs)
+    slope_ms = -np.polyfit(table["rank1_batch"], table["difference_ms"], 1)[0]
+    sd_ms = float(np.sqrt((table["difference_sd_ms"] ** 2).mean()))
+    summary = {"ms_per_sample": slope_ms, "difference_sd_ms": sd_ms,
+               "steps_for_one_sample": (2 * sd_ms / slope_ms) ** 2 if slope_ms > 0 else math.inf}
+    return table, summary
 
 
 def main() -> None:
@@ -136,7 +168,8 @@ def main() -> None:
                      dict(balancer="weights", rank_weights=tuple(map(float, split)), slowdown=slowdown))
                     for split in fixed_splits(slowdown)]
             sweep += real_jobs(args, part, rotate(runs, repeat), repeat, "sweep")
-    rows = run_jobs(sweep, "sweep of fixed splits")
+    sweep_steps = []
+    rows = run_jobs(sweep, "sweep of fixed splits", sweeps=sweep_steps)
 
     sweep_table = pd.DataFrame(rows)
     oracle_splits = {}  # per part: the fixed split with the best median over the sweep
@@ -181,6 +214,20 @@ def main() -> None:
         got = table[table["part"] == part].iloc[0]
         print(f"{part}: optimal split {'/'.join(map(str, optimum))}, model ended on {got['final_split']}, settled "
               f"after {got['settle_steps']:.0f} steps, largest swing after that {got['swing_samples']:.0f} samples")
+    if sweep_steps:
+        resolution, measured = timing_resolution(pd.concat(sweep_steps, ignore_index=True))
+        resolution.to_csv(out / "cost_model_resolution.csv", index=False)
+        throughput = table[table["run"].str.startswith("fixed") & (table["part"] == "real [1,3]")]
+        by_split = throughput.groupby("run")["samples_per_s"]
+        medians = by_split.median()
+        medians = medians[sorted(medians.index, key=lambda run: -int(run.split("/")[-1]))]  # by rank 1's batch
+        ranges = (by_split.max() - by_split.min()) / by_split.median()
+        print(f"timing resolution, real [1,3]: one sample moved between the ranks changes their compute-time "
+              f"difference by {measured['ms_per_sample']:.1f} ms; that difference varies by "
+              f"{measured['difference_sd_ms']:.1f} ms (sd) from step to step, so placing the balance point within "
+              f"+-1 sample takes {measured['steps_for_one_sample']:.0f} steps at one split. Median samples/s of the "
+              f"fixed splits: {', '.join(f'{run[6:]} {v:.0f}' for run, v in medians.items())}; the repeats of one "
+              f"split range over {100 * ranges.median():.0f} % of its median (median over splits)")
     if traces:
         fig = plots.rank_batches_over_steps(pd.concat(traces, ignore_index=True),
                                             title="Per-rank batch: trace 1→3→1 (real timing) and emulated runs")
