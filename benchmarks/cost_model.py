@@ -125,7 +125,8 @@ def timing_resolution(sweep_steps: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     Per run: the per-step difference d = compute_0 - compute_1 over the second half of its full steps, its mean
     and standard deviation. A least-squares line through the runs' mean d against b_1 gives the ms that one sample
     moved from rank 0 to rank 1 takes off d; n = (2 sd / that)^2 is the number of steps at one split whose mean d
-    places the balance point within +-1 sample at two standard errors (what a controller needs to settle there)."""
+    places the balance point within +-1 sample at two standard errors (what a controller needs to settle there),
+    sd pooled over the runs."""
     runs = []
     for (part, label, repeat), steps in sweep_steps.groupby(["part", "run", "repeat"], sort=False):
         seconds = steps.pivot(index="step", columns="rank", values="compute_s")
@@ -140,9 +141,9 @@ def timing_resolution(sweep_steps: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     table = pd.DataFrame(runs)
     slope_ms = -np.polyfit(table["rank1_batch"], table["difference_ms"], 1)[0]
     sd_ms = float(np.sqrt((table["difference_sd_ms"] ** 2).mean()))
-    summary = {"ms_per_sample": slope_ms, "difference_sd_ms": sd_ms,
+    summary = {"ms_per_sample": slope_ms, "pooled_sd_ms": sd_ms,
                "steps_for_one_sample": (2 * sd_ms / slope_ms) ** 2 if slope_ms > 0 else math.inf}
-    return table, summary
+    return table.assign(**summary), summary  # the three summary numbers repeat on every row of the CSV
 
 
 def main() -> None:
@@ -224,7 +225,7 @@ def main() -> None:
         ranges = (by_split.max() - by_split.min()) / by_split.median()
         print(f"timing resolution, real [1,3]: one sample moved between the ranks changes their compute-time "
               f"difference by {measured['ms_per_sample']:.1f} ms; that difference varies by "
-              f"{measured['difference_sd_ms']:.1f} ms (sd) from step to step, so placing the balance point within "
+              f"{measured['pooled_sd_ms']:.1f} ms (sd) from step to step, so placing the balance point within "
               f"+-1 sample takes {measured['steps_for_one_sample']:.0f} steps at one split. Median samples/s of the "
               f"fixed splits: {', '.join(f'{run[6:]} {v:.0f}' for run, v in medians.items())}; the repeats of one "
               f"split range over {100 * ranges.median():.0f} % of its median (median over splits)")
