@@ -45,6 +45,7 @@ from dynbatch_core import plots  # noqa: E402
 from dynbatch_core.cost_model import AffineCost, min_max_split  # noqa: E402
 
 BATCH = 128
+RESOLUTION_PART = "real [1,3]"  # the part whose sweep measures the timing resolution (2 ranks)
 STEP_MS, SAMPLE_MS = 10.0, 2.0
 
 
@@ -107,16 +108,22 @@ def real_jobs(args, part: str, runs: list, repeat: int, phase: str) -> list:
     return jobs
 
 
-def run_jobs(jobs: list, description: str, traces: list | None = None, sweeps: list | None = None) -> list[dict]:
-    rows = []
+def run_jobs(jobs: list, description: str, keep_steps=lambda part: False) -> tuple[list[dict], list[pd.DataFrame]]:
+    """Run the jobs in order: their measured rows, and the steps tables (with part, run and repeat columns) of the
+    runs whose part `keep_steps` accepts."""
+    rows, kept = [], []
     for part, label, repeat, run_config, segments in tqdm(jobs, desc=description, unit="run"):
         result = run(run_config)
         rows += measure(result, part, label, repeat, segments)
-        if traces is not None and (part.startswith("trace") or part.startswith("emulated")):
-            traces.append(result.steps.assign(run=f"{part}: {label}"))
-        if sweeps is not None and run_config.world_size == 2:
-            sweeps.append(result.steps.assign(part=part, run=label, repeat=repeat))
-    return rows
+        if keep_steps(part):
+            kept.append(result.steps.assign(part=part, run=label, repeat=repeat))
+    return rows, kept
+
+
+def fastest_fixed(runs: pd.DataFrame) -> str:
+    """The label of the fixed split with the best median samples/s over its repeats (the oracle)."""
+    fixed = runs[runs["run"].str.startswith("fixed")]
+    return fixed.groupby("run")["samples_per_s"].median().idxmax()
 
 
 def timing_resolution(sweep_steps: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -169,13 +176,12 @@ def main() -> None:
                      dict(balancer="weights", rank_weights=tuple(map(float, split)), slowdown=slowdown))
                     for split in fixed_splits(slowdown)]
             sweep += real_jobs(args, part, rotate(runs, repeat), repeat, "sweep")
-    sweep_steps = []
-    rows = run_jobs(sweep, "sweep of fixed splits", sweeps=sweep_steps)
+    rows, sweep_steps = run_jobs(sweep, "sweep of fixed splits", keep_steps=lambda part: part == RESOLUTION_PART)
 
     sweep_table = pd.DataFrame(rows)
     oracle_splits = {}  # per part: the fixed split with the best median over the sweep
     for part, _ in real_parts:
-        best = sweep_table[sweep_table["part"] == part].groupby("run")["samples_per_s"].median().idxmax()
+        best = fastest_fixed(sweep_table[sweep_table["part"] == part])
         oracle_splits[part] = tuple(float(b) for b in best.removeprefix("fixed ").split("/"))
     jobs = []
     for repeat in range(args.race_repeats):
@@ -199,8 +205,9 @@ def main() -> None:
                 args, f"emulated-{len(slowdown)}", len(slowdown), 48, balancer="model", slowdown=slowdown,
                 emulated_sample_ms=SAMPLE_MS, emulated_step_ms=STEP_MS), None))
 
-    traces = []
-    rows += run_jobs(jobs, "race, trace, emulated", traces)
+    race_rows, traces = run_jobs(jobs, "race, trace, emulated",
+                                 keep_steps=lambda part: part.startswith("trace") or part.startswith("emulated"))
+    rows += race_rows
     table = pd.DataFrame(rows)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,18 +225,19 @@ def main() -> None:
     if sweep_steps:
         resolution, measured = timing_resolution(pd.concat(sweep_steps, ignore_index=True))
         resolution.to_csv(out / "cost_model_resolution.csv", index=False)
-        throughput = table[table["run"].str.startswith("fixed") & (table["part"] == "real [1,3]")]
+        throughput = table[table["run"].str.startswith("fixed") & (table["part"] == RESOLUTION_PART)]
         by_split = throughput.groupby("run")["samples_per_s"]
         medians = by_split.median()
         medians = medians[sorted(medians.index, key=lambda run: -int(run.split("/")[-1]))]  # by rank 1's batch
         ranges = (by_split.max() - by_split.min()) / by_split.median()
-        print(f"timing resolution, real [1,3]: one sample moved between the ranks changes their compute-time "
+        print(f"timing resolution, {RESOLUTION_PART}: one sample moved between the ranks changes their compute-time "
               f"difference by {measured['ms_per_sample']:.1f} ms; that difference varies by "
               f"{measured['pooled_sd_ms']:.1f} ms (sd) from step to step, so placing the balance point within "
               f"+-1 sample takes {measured['steps_for_one_sample']:.0f} steps at one split. Median samples/s of the "
               f"fixed splits: {', '.join(f'{run[6:]} {v:.0f}' for run, v in medians.items())}; the repeats of one "
               f"split range over {100 * ranges.median():.0f} % of its median (median over splits)")
     if traces:
+        traces = [steps.assign(run=steps["part"] + ": " + steps["run"]) for steps in traces]
         fig = plots.rank_batches_over_steps(pd.concat(traces, ignore_index=True),
                                             title="Per-rank batch: trace 1→3→1 (real timing) and emulated runs")
         fig.savefig(out / "cost_model.png", dpi=120, bbox_inches="tight")
@@ -246,7 +254,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         race = group[~group["run"].str.startswith("fixed")]
         labelled = race
         if not fixed.empty:
-            best = fixed.groupby("run")["samples_per_s"].median().idxmax()
+            best = fastest_fixed(fixed)
             labelled = pd.concat([race, fixed[fixed["run"] == best].assign(run=f"sweep best ({best})")])
         by_repeat = race[race["segment_start"] == 0].pivot_table(index="repeat", columns="run", values="samples_per_s")
         for (label, start), runs in labelled.groupby(["run", "segment_start"], sort=False):
