@@ -31,6 +31,7 @@ Decisions are made by rank 0 and broadcast (agreement.decided_by_rank0) like eve
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Sequence
 
@@ -84,6 +85,8 @@ class GoodputRule:
 
     def efficiency(self, batch: int) -> float:
         noise = self.noise_scale
+        if noise == math.inf:   # pure noise: a sample buys the same progress at any B (linear scaling holds)
+            return 1.0
         return (noise + self.initial_batch) / (noise + batch)
 
     def rank_lines(self) -> list[AffineCost] | None:
@@ -116,7 +119,7 @@ class GoodputRule:
         """(the global batch for the next steps, how many steps until the next decision)."""
         if self.exploring is not None:   # the tried B has had its EXPLORE_STEPS steps: back to where it was
             current, self.exploring = self.exploring, None
-        if not self.noise_scale > 0:   # not measured yet (NaN), or noise made it meaningless
+        if not self.noise_scale > 0:   # not measured yet (NaN), or the trace estimate is not positive
             return current, self.decide_every
         lines = self.rank_lines()
         if self.step_time_s(current, lines) is None:

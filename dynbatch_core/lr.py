@@ -26,8 +26,11 @@ def scaled_lr(base_lr: float, global_batch: int, initial_batch: int, scaling: st
 
 def adascale_gain(noise_scale: float, global_batch: int, initial_batch: int) -> float:
     """AdaScale's gain r = (S/B_0 + |G|^2) / (S/B + |G|^2) = (B_simple/B_0 + 1) / (B_simple/B + 1) (Johnson et al.
-    2020): between 1 (no noise: a larger batch buys nothing) and B/B_0 (all noise: linear scaling). Before the noise
-    scale is known (NaN) or when noise made it meaningless (<= 0): 1."""
+    2020): between 1 (no noise: a larger batch buys nothing) and B/B_0 (all noise: linear scaling). Pure noise
+    (B_simple = +inf, the smoothed |G|^2 not positive while the trace is): B/B_0, the limit. Before the noise scale
+    is known (NaN), or when it is not positive (the trace estimate is not): 1."""
+    if noise_scale == math.inf:
+        return global_batch / initial_batch
     if not noise_scale > 0:
         return 1.0
     return (noise_scale / initial_batch + 1.0) / (noise_scale / global_batch + 1.0)

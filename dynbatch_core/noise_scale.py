@@ -18,7 +18,13 @@ after the first half is the small-batch point (the cost: one extra squared norm 
 
 B_simple = S/|G|^2 is a ratio of noisy estimates: numerator and denominator are averaged separately (ratio of
 averages). A step whose |G|^2 estimate is not positive is kept in those averages (its noise cancels there) but
-counted as missing: its own ratio would be meaningless, and it is never clamped.
+counted as missing: its own ratio would be meaningless, and it is never clamped. A step with a non-finite norm (a
+float16 step whose loss scale overflowed: GradScaler skips it) gives no estimate at all and is counted as missing;
+one such point must never reach an average, where it would stay NaN for the rest of the run.
+
+The smoothed noise scale is +inf when the smoothed |G|^2 is not positive but the smoothed trace is (noise
+dominates: the limit B_simple -> infinity, where AdaScale's gain is B/B_0 and every batch size is as efficient as
+B_0), and NaN before any estimate or while the smoothed trace is not positive either.
 """
 from __future__ import annotations
 
@@ -67,8 +73,8 @@ def fit_step(points: Sequence[tuple[int, float]], num_samples: int) -> NoiseEsti
     depend on b only, so the estimate stays unbiased; with two batch sizes it is McCandlish's estimator."""
     xs = [without_replacement_x(b, num_samples) for b, _ in points]
     ys = [y for _, y in points]
-    if max(xs) - min(xs) <= 1e-12 * max(xs):
-        return None
+    if max(xs) - min(xs) <= 1e-12 * max(xs) or not all(math.isfinite(y) for y in ys):
+        return None   # one batch size, or an overflowed (float16) step: nothing to fit
     weights = [1.0 / max(x, 1e-12) ** 2 for x in xs]
     total = sum(weights)
     mean_x = sum(w * x for w, x in zip(weights, xs)) / total
@@ -90,7 +96,7 @@ class NoiseScaleSmoother:
         self.weight = 0.0   # the bias correction: 1 - decay^steps
 
     def update(self, estimate: NoiseEstimate | None) -> None:
-        if estimate is None:
+        if estimate is None or not (math.isfinite(estimate.gradient_sq) and math.isfinite(estimate.trace)):
             return
         self.gradient_sq = self.decay * self.gradient_sq + (1 - self.decay) * estimate.gradient_sq
         self.trace = self.decay * self.trace + (1 - self.decay) * estimate.trace
@@ -98,9 +104,12 @@ class NoiseScaleSmoother:
 
     @property
     def noise_scale(self) -> float:
-        """Smoothed B_simple, NaN before any estimate or while the smoothed |G|^2 is not positive."""
-        if self.weight == 0 or not self.gradient_sq > 0:
+        """Smoothed B_simple: +inf while the smoothed |G|^2 is not positive and the smoothed trace is (pure noise),
+        NaN before any estimate or while neither is positive."""
+        if self.weight == 0:
             return math.nan
+        if not self.gradient_sq > 0:
+            return math.inf if self.trace > 0 else math.nan
         return self.trace / self.gradient_sq
 
     def state_dict(self) -> dict:
@@ -113,7 +122,8 @@ class NoiseScaleSmoother:
 
 def mean_estimate(estimates: Sequence[NoiseEstimate | None]) -> NoiseEstimate:
     """The mean |G|^2 and mean S of the steps that gave an estimate (NaN for none)."""
-    found = [estimate for estimate in estimates if estimate is not None]
+    found = [estimate for estimate in estimates
+             if estimate is not None and math.isfinite(estimate.gradient_sq) and math.isfinite(estimate.trace)]
     if not found:
         return NoiseEstimate(math.nan, math.nan)
     return NoiseEstimate(sum(e.gradient_sq for e in found) / len(found), sum(e.trace for e in found) / len(found))

@@ -1,4 +1,5 @@
 """The goodput rule on synthetic step times and a known noise scale: where it goes, how it explores, no flapping."""
+import math
 import random
 
 import pytest
@@ -99,8 +100,19 @@ def test_a_cost_per_step_beyond_compute_counts_like_a_fixed_cost():
 def test_no_decision_before_the_noise_scale_is_known():
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     assert rule.decide(32) == (32, 20)
-    rule.observe([32], [0.1], NoiseEstimate(gradient_sq=-1.0, trace=5.0))   # |G|^2 <= 0: still unknown
+    rule.observe([32], [0.1], NoiseEstimate(gradient_sq=-1.0, trace=-5.0))   # neither estimate positive: unknown
     assert rule.decide(32) == (32, 20)
+
+
+def test_pure_noise_prices_every_batch_with_efficiency_one_and_lets_b_grow():
+    """Smoothed |G|^2 <= 0 with a positive trace is the limit B_simple -> infinity: a sample buys as much progress at
+    any B, so goodput is throughput alone (it used to freeze B there, as if nothing were known)."""
+    rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    for _ in range(3):
+        rule.observe([32], [0.01 + 0.001 * 32], NoiseEstimate(gradient_sq=-1e-4, trace=5.0))
+    assert rule.noise_scale == math.inf
+    assert [rule.efficiency(b) for b in (16, 32, 64, 1024)] == [1.0, 1.0, 1.0, 1.0]
+    assert rule.decide(32) == (64, EXPLORE_STEPS)   # the larger B amortises the fixed cost: tried
 
 
 def test_a_restored_rule_decides_like_the_original():
@@ -117,6 +129,7 @@ def test_the_adascale_gain_runs_from_one_without_noise_to_linear_scaling_in_pure
     assert adascale_gain(1e9, 256, 32) == pytest.approx(256 / 32, rel=1e-6)   # all noise: linear scaling
     assert adascale_gain(64.0, 128, 32) == pytest.approx((64 / 32 + 1) / (64 / 128 + 1))
     assert adascale_gain(float("nan"), 128, 32) == 1.0 and adascale_gain(-5.0, 128, 32) == 1.0
+    assert adascale_gain(float("inf"), 128, 32) == 128 / 32   # the smoothed |G|^2 not positive, the trace positive
 
 
 @pytest.mark.slow

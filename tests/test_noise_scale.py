@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from dynbatch_core.balancer_base import largest_remainder_split
+from dynbatch_core.goodput import GoodputRule
+from dynbatch_core.lr import adascale_gain
 from dynbatch_core.noise_scale import (NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, step_points,
                                        without_replacement_x)
 from dynbatch_core.sampler import epoch_order, rank_slices
@@ -83,10 +85,51 @@ def test_the_smoother_averages_numerator_and_denominator_apart():
     assert math.isnan(smoother.noise_scale)
     smoother.update(NoiseEstimate(gradient_sq=1.0, trace=10.0))
     assert smoother.noise_scale == pytest.approx(10.0)
-    smoother.update(NoiseEstimate(gradient_sq=-1.0, trace=30.0))   # averages -0.25 and 17.5: not positive, NaN
-    assert math.isnan(smoother.noise_scale)
+    smoother.update(NoiseEstimate(gradient_sq=-1.0, trace=30.0))   # averages -0.25 and 17.5: pure noise, +inf
+    assert smoother.noise_scale == math.inf
     smoother.update(NoiseEstimate(gradient_sq=1.0, trace=10.0))    # 0.375 and 13.75: a ratio of averages
     assert smoother.noise_scale == pytest.approx(13.75 / 0.375)
+    smoother.update(NoiseEstimate(gradient_sq=-5.0, trace=-50.0))  # neither average positive: unknown, NaN
+    assert math.isnan(smoother.noise_scale)
+
+
+def healthy_points():   # |G|^2 = 1, S = 100: E|g_b|^2 = 1 + 100/b on a [16, 48] split of 64
+    return step_points([(16 / 64) ** 2 * (1 + 100 / 16), (48 / 64) ** 2 * (1 + 100 / 48)], [16, 48], 64, 1 + 100 / 64)
+
+
+def test_one_overflowed_step_is_missing_and_never_poisons_the_smoothed_or_epoch_noise_scale():
+    """A float16 step whose loss scale overflowed reports inf norms (GradScaler then skips it). It gives no estimate,
+    counts as missing, and the averages stay those of the healthy steps (one inf used to leave them NaN for good)."""
+    smoother, rule = NoiseScaleSmoother(), GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=1)
+    overflowed = step_points([math.inf, math.inf], [16, 48], 64, math.inf)
+    estimates = []
+    for points in [healthy_points()] * 100 + [overflowed] + [healthy_points()] * 1000:
+        estimate = fit_step(points, 60000)
+        smoother.update(estimate)
+        rule.observe([16, 48], [0.1, 0.1], estimate)
+        estimates.append(estimate)
+    healthy = fit_step(healthy_points(), 60000).noise_scale   # 99.8: B_simple 100 seen through x(b) at N = 60000
+    assert estimates[100] is None
+    assert smoother.noise_scale == pytest.approx(healthy, rel=1e-9)
+    assert rule.noise_scale == pytest.approx(smoother.noise_scale)
+    epoch_scale, missing = epoch_noise_scale(estimates)
+    assert missing == 1 and epoch_scale == pytest.approx(smoother.noise_scale)
+    assert adascale_gain(smoother.noise_scale, 128, 64) == pytest.approx((healthy / 64 + 1) / (healthy / 128 + 1))
+    # a non-finite estimate handed to the averages directly is dropped there too
+    smoother.update(NoiseEstimate(math.nan, math.inf))
+    assert smoother.noise_scale == pytest.approx(healthy, rel=1e-9)
+
+
+@pytest.mark.parametrize("gradient_sq", [0.0, -1e-6, -1e-4])
+def test_adascale_gain_at_pure_noise_is_the_linear_limit_b_over_b0_not_one(gradient_sq):
+    smoother = NoiseScaleSmoother()
+    smoother.update(NoiseEstimate(gradient_sq=gradient_sq, trace=100.0))
+    for batch, initial in ((128, 64), (64, 16), (16, 64)):
+        assert adascale_gain(smoother.noise_scale, batch, initial) == pytest.approx(batch / initial, rel=0.01)
+    assert adascale_gain(NoiseScaleSmoother().noise_scale, 128, 64) == 1.0       # nothing measured yet
+    negative = NoiseScaleSmoother()
+    negative.update(NoiseEstimate(gradient_sq=gradient_sq, trace=-1.0))
+    assert adascale_gain(negative.noise_scale, 128, 64) == 1.0                   # no positive trace either
 
 
 # --- (b) a ResNet at a saved checkpoint: the estimator against its per-sample gradients, the engine against both --
