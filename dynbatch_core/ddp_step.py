@@ -15,8 +15,14 @@ The emulated slowdown sleeps in that same moment, before the last bucket's all-r
 exactly as they would for a slower device. Per-rank (compute_s, batch, loss) then travel in one small all-reduce.
 
 Batch-norm buffers are not broadcast from rank 0 at every forward (broadcast_buffers=False, or its successor
-forward_sync_buffers=False): each rank keeps its
-own running statistics, averaged by the engine before evaluation (evaluation.average_buffers).
+forward_sync_buffers=False): each rank keeps its own running statistics, averaged by the engine before evaluation
+(evaluation.average_buffers). DDP's constructor still broadcasts rank 0's parameters and buffers once (torch 2.14
+does so even with forward_sync_buffers=False): wrap the model before loading per-rank buffers, as the engine does.
+
+Not with compiled autograd's Python reducer (torch._dynamo.config.optimize_ddp = "python_reducer"): DDP then calls
+comm hooks per parameter with a (grad, param) tuple and ignores what they return, so there is no bucket to sum and
+no last bucket to stop the clock at; wrap_ddp refuses it. torch.compile's default DDPOptimizer mode keeps the C++
+reducer and works.
 """
 from __future__ import annotations
 
@@ -78,6 +84,8 @@ class BucketClock:
 def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this module's are strings
     """All-reduce a gradient bucket (a dist.GradBucket) as a sum, not DDP's mean; at the last bucket, stop this
     rank's clock (a BucketClock) first. Returns the future of the summed buffer."""
+    if isinstance(bucket, tuple):   # compiled autograd's Python reducer: (grad, param) per parameter
+        raise RuntimeError(PYTHON_REDUCER_REFUSED)
     clock.buckets += 1
     if clock.measure_noise:  # this rank's own gradient, before the sum over ranks
         clock.local_sq = clock.local_sq + bucket.buffer().detach().double().pow(2).sum()
@@ -87,13 +95,28 @@ def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this mo
     return work.get_future().then(lambda future: future.value()[0])
 
 
+PYTHON_REDUCER_REFUSED = ("dynbatch's summing comm hook needs DDP's C++ reducer, not compiled autograd's Python "
+                          "reducer (torch._dynamo.config.optimize_ddp = 'python_reducer'); use torch.compile's "
+                          "default 'ddp_optimizer' mode")
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device, **ddp_options) -> DistributedDataParallel:
     """`model` in stock DDP with the summing, timing hook; `model.clock` is the hook's BucketClock."""
+    if _python_reducer_mode():
+        raise ValueError(PYTHON_REDUCER_REFUSED)
     device_ids = [device.index] if device.type == "cuda" else None
     wrapped = DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_broadcast(), **ddp_options)
     wrapped.clock = BucketClock(device)
     wrapped.register_comm_hook(wrapped.clock, summing_hook)
     return wrapped
+
+
+def _python_reducer_mode() -> bool:
+    try:
+        from torch._dynamo.utils import get_optimize_ddp_mode
+    except ImportError:   # a torch without dynamo
+        return False
+    return get_optimize_ddp_mode() == "python_reducer"
 
 
 def exchange_measurements(compute_s: float, batch: int, *, device: torch.device | str = "cpu",
@@ -123,7 +146,8 @@ def _no_buffer_broadcast() -> dict:
 def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                    labels: torch.Tensor, *, global_batch: int, rank: int, slowdown: float = 1.0,
                    emulated_sample_s: float | None = None, emulated_step_s: float = 0.0,
-                   emulated_sleep: bool = True, options: StepOptions = StepOptions()) -> StepResult:
+                   emulated_sleep: bool = True, options: StepOptions = StepOptions(),
+                   largest_slice: int | None = None) -> StepResult:
     """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
     clock: BucketClock = model.clock
     optimizer.zero_grad(set_to_none=True)
@@ -132,7 +156,7 @@ def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimi
     clock.start(batch=len(labels), slowdown=slowdown, emulated_sample_s=emulated_sample_s,
                 emulated_step_s=emulated_step_s, emulated_sleep=emulated_sleep)
     loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync,
-                                first_half=first_half)
+                                first_half=first_half, largest_slice=largest_slice)
     backward_done = time.perf_counter()
     scale = options.scaler.get_scale() if options.scaler is not None else 1.0
     compute, batches, loss_sums, local_sqs = _exchange(clock.compute_s, len(labels), loss_sum,

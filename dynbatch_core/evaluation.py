@@ -65,7 +65,8 @@ def recompute_batch_norm(model: torch.nn.Module, train_set, *, samples: int, ran
     """Collective: set every batch-norm layer's running statistics to those of the current weights over the first
     `samples` training samples (each rank its contiguous share; the ranks' results are then averaged, weighted by
     their share). Training-mode forward passes without gradients; the RNG is left as it was, so a run's sample
-    order and augmentation do not depend on whether this ran."""
+    order and augmentation do not depend on whether this ran. Every rank runs the same number of forward passes,
+    empty ones included when its share is smaller: SyncBatchNorm pairs the i-th forward of every rank."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -74,13 +75,14 @@ def recompute_batch_norm(model: torch.nn.Module, train_set, *, samples: int, ran
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
+    passes = -(-(-(-samples // world_size)) // batch_size)   # ceil(the largest share / batch_size), on every rank
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for first in range(start, stop, batch_size):
+        for first in range(start, start + passes * batch_size, batch_size):
             indices = list(range(first, min(first + batch_size, stop)))
             for norm in norms:   # running = running + (batch - running) b / seen: the mean over samples so far
-                norm.momentum = len(indices) / (first - start + len(indices))
-            images, _ = train_set.__getitems__(indices)
-            model(images.to(device))
+                norm.momentum = len(indices) / (first - start + len(indices)) if indices else 0.0
+            images, _ = train_set.__getitems__(indices or [0])
+            model(images[:len(indices)].to(device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     if world_size > 1:

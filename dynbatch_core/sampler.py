@@ -23,6 +23,7 @@ workers); with `require_plans=True` a missing plan is an error instead.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator, Sequence
 
 import torch
@@ -45,6 +46,9 @@ def rank_slices(rank_batches: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((start, start + size))
         start += size
     return bounds
+
+
+FINGERPRINT_INDICES = 1024   # how much of an epoch's order order_fingerprint reads
 
 
 class StepPlan(list):
@@ -153,11 +157,24 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Steps left in this epoch if the split stays as it is now."""
         return -(-self.remaining // sum(self.rank_batches))
 
-    def state_dict(self, trained: StepPlan | None = None) -> dict:
+    def order_fingerprint(self) -> str:
+        """A short hash of the current epoch's first indices: ranks that cut different orders (another torch build
+        on one node) compare it once per epoch instead of silently training some samples twice and others never."""
+        head = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[:FINGERPRINT_INDICES]
+        return hashlib.sha1(head.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    def state_dict(self, trained: StepPlan | None | type(...) = ...) -> dict:
         """The position to resume from. With a prefetching loader the sampler runs ahead of training: pass the last
         trained step's plan (`trained`) to record the position after it, with the plans of every later step (the
         ones already handed to the loader included, so steps must be planned), so a resumed run trains exactly
-        the same steps."""
+        the same steps. With require_plans=True `trained` must be given (None: no step trained yet): the cursor
+        alone is as far as the loader has read ahead, and a resume from it would skip those steps."""
+        if trained is ...:
+            if self.require_plans:
+                raise TypeError("DynamicBatchSampler.state_dict(trained=plan): with require_plans=True pass the plan "
+                                "of the last step trained (None before the first), not the cursor the loader read "
+                                "ahead to")
+            trained = None
         cursor, steps = self.cursor, self.steps_in_epoch
         if trained is not None and trained.epoch == self.epoch and trained.step + 1 < self.steps_in_epoch:
             cursor, steps = trained.offset + trained.global_batch, trained.step + 1

@@ -6,8 +6,10 @@
 Why it is exact: rank i's loss is sum_j loss(x_ij) / B (B = the global batch, not b_i), and gradients are *summed*
 over ranks, so the update equals that of one process holding all B samples, whatever the split. (Averaging per rank
 and then over ranks, as plain DDP does, weights a sample of a 3-sample rank 13/3 times more than one of a 13-sample
-rank.) This holds up to float summation order for models without batch statistics; batch norm normalises each rank's
-slice with that slice's own statistics, so a split changes the result unless SyncBatchNorm is used (CUDA only).
+rank.) This holds up to float summation order for models without batch statistics (--norm none or group); batch
+norm normalises each rank's slice (and each micro-batch) with its own statistics, so a split or --max-micro-batch
+changes the result unless SyncBatchNorm is used (CUDA only, and then without micro-batches: SyncBN normalises each
+micro-batch over "chunk j of every rank", not over the union batch).
 
 Why an explicit all-reduce instead of DDP: DDP all-reduces inside backward(), so a timer around backward() includes
 waiting for the slowest rank. Here each rank's compute time (forward + backward + the emulated slowdown) is measured
@@ -35,20 +37,24 @@ def uneven_batch_loss(logits: torch.Tensor, labels: torch.Tensor, global_batch: 
 
 
 class GradientSync:
-    """Sums gradients over all ranks in flat buckets (one all-reduce per bucket, all in flight together)."""
+    """Sums gradients over all ranks in flat buckets (one all-reduce per bucket, all in flight together). A bucket
+    holds parameters of one dtype and device only (a float32 gradient summed in a bfloat16 bucket would lose
+    precision); a gradient that is None on every rank stays None (an unused parameter is then left alone by
+    momentum and weight decay, as in one process)."""
 
     def __init__(self, parameters, *, world_size: int, bucket_mb: float = 25.0):
         self.world_size = world_size
         self.params = [p for p in parameters if p.requires_grad]
-        self.buckets: list[list[torch.nn.Parameter]] = [[]]
-        bucket_bytes = 0
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        open_buckets: dict[tuple, list[torch.nn.Parameter]] = {}   # (dtype, device) -> the bucket being filled
+        bucket_bytes: dict[tuple, int] = {}
         for param in self.params:
-            size = param.numel() * param.element_size()
-            if self.buckets[-1] and bucket_bytes + size > bucket_mb * 2**20:
-                self.buckets.append([])
-                bucket_bytes = 0
-            self.buckets[-1].append(param)
-            bucket_bytes += size
+            kind, size = (param.dtype, param.device), param.numel() * param.element_size()
+            if kind not in open_buckets or bucket_bytes[kind] + size > bucket_mb * 2**20:
+                open_buckets[kind], bucket_bytes[kind] = [], 0
+                self.buckets.append(open_buckets[kind])
+            open_buckets[kind].append(param)
+            bucket_bytes[kind] += size
         self.buffers = [torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
                         for bucket in self.buckets]
 
@@ -56,7 +62,9 @@ class GradientSync:
         """Sum every gradient and `stats` over ranks; returns the summed stats."""
         if self.world_size == 1:
             return stats
-        works = [dist.all_reduce(stats, async_op=True)]
+        device = self.params[0].device if self.params else stats.device
+        holders = torch.tensor([float(param.grad is not None) for param in self.params], device=device)
+        works = [dist.all_reduce(stats, async_op=True), dist.all_reduce(holders, async_op=True)]
         for bucket, buffer in zip(self.buckets, self.buffers):
             offset = 0
             for param in bucket:
@@ -69,11 +77,14 @@ class GradientSync:
             works.append(dist.all_reduce(buffer, async_op=True))
         for work in works:
             work.wait()
+        held_somewhere = {id(param) for param, count in zip(self.params, holders.tolist()) if count > 0}
         for bucket, buffer in zip(self.buckets, self.buffers):
             offset = 0
             for param in bucket:
                 summed = buffer[offset:offset + param.numel()].view_as(param)
-                if param.grad is None:
+                if id(param) not in held_somewhere:
+                    pass   # no rank's loss reached it: None, as in one process
+                elif param.grad is None:
                     param.grad = summed.clone()
                 else:
                     param.grad.copy_(summed)
@@ -110,28 +121,90 @@ class StepOptions:
     measure_noise: bool = False                  # squared gradient norms for the noise scale (noise_scale.py)
 
 
-def micro_batches(images: torch.Tensor, labels: torch.Tensor, size: int | None):
-    """The slice in chunks of at most `size` samples (one chunk, possibly empty, when size is None or larger)."""
-    if size is None or len(labels) <= size:
-        return [(images, labels)]
-    return list(zip(images.split(size), labels.split(size)))
+def micro_batch_count(largest_slice: int, max_micro_batch: int | None) -> int:
+    """Forward/backward calls each rank makes in a step: ceil(max_j b_j / m), the same on every rank (at least 1).
+
+    A collective inside the model (SyncBatchNorm's all-gather and all-reduce, FSDP's per-layer gathers) pairs the
+    i-th call of every rank: a rank that ran fewer micro-batches than its peers would pair their collectives with
+    its gradient reduction (a hang, or garbage). So ranks with fewer samples pad with empty micro-batches."""
+    if max_micro_batch is None:
+        return 1
+    return max(1, -(-largest_slice // max_micro_batch))
+
+
+def micro_batches(images: torch.Tensor, labels: torch.Tensor, size: int | None, count: int | None = None):
+    """The slice in chunks of at most `size` samples (one chunk, possibly empty, when size is None or larger),
+    padded with empty chunks to `count` chunks when given (micro_batch_count)."""
+    chunks = [(images, labels)] if size is None or len(labels) <= size else \
+        list(zip(images.split(size), labels.split(size)))
+    if count is not None:
+        if count < len(chunks):
+            raise ValueError(f"{len(labels)} samples in chunks of {size} need {len(chunks)} micro-batches, more than "
+                             f"the {count} every rank runs")
+        chunks += [(images[:0], labels[:0])] * (count - len(chunks))
+    return chunks
+
+
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+               for module in model.modules())
+
+
+def first_half_point(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
+                     options: StepOptions) -> tuple[int, float]:
+    """(samples, squared norm of the first half's gradient) from a side pass that leaves no trace: gradients by
+    torch.autograd.grad (nothing accumulates, no DDP hook fires), buffers and RNG restored. Under batch norm the
+    halves cannot be the step itself (each would be normalised on its own and update the running statistics
+    twice); this costs half a step more instead."""
+    half = len(labels) // 2
+    if half == 0:
+        return 0, 0.0
+    bare = getattr(model, "module", model)   # the model inside DDP
+    params = [param for param in bare.parameters() if param.requires_grad]
+    buffers = [buffer.detach().clone() for buffer in bare.buffers()]
+    summed = [torch.zeros_like(param) for param in params]
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for chunk_images, chunk_labels in micro_batches(images[:half], labels[:half], options.max_micro_batch):
+            with torch.autocast(images.device.type, dtype=options.autocast_dtype,
+                                enabled=options.autocast_dtype is not None):
+                logits = bare(chunk_images)
+            loss = uneven_batch_loss(logits.float(), chunk_labels, global_batch)
+            loss = options.scaler.scale(loss) if options.scaler is not None else loss
+            for total, grad in zip(summed, torch.autograd.grad(loss, params, allow_unused=True)):
+                if grad is not None:
+                    total += grad
+    with torch.no_grad():
+        for buffer, saved in zip(bare.buffers(), buffers):
+            buffer.copy_(saved)
+    squares = float(torch.stack([grad.double().pow(2).sum() for grad in summed]).sum()) if summed else 0.0
+    scale = options.scaler.get_scale() if options.scaler is not None else 1.0
+    return half, squares / scale ** 2
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
-                     options: StepOptions, no_sync=None, first_half: list | None = None) -> float:
+                     options: StepOptions, no_sync=None, first_half: list | None = None,
+                     largest_slice: int | None = None) -> float:
     """Forward and backward over the slice (in micro-batches), each chunk's loss summed / global_batch; returns the
     slice's summed loss. `no_sync`: a context manager (DDP's) that holds the reduction back on all but the last chunk.
-    `first_half`: run the slice as two halves and append (samples, squared gradient norm) after the first: a
-    second batch size for the noise scale when one rank holds the whole step.
+    `first_half`: append (samples, squared gradient norm of the slice's first half): a second batch size for the
+    noise scale when one rank holds the whole step. Without batch norm the slice then runs as its two halves (the
+    update is unchanged); with it, a side pass measures the half (first_half_point). `largest_slice`: the largest
+    slice of any rank in this step, so that every rank runs micro_batch_count(largest_slice) micro-batches.
 
     Every rank runs forward and backward, even on an empty slice (the short last step of an epoch): a collective
     inside the model (SyncBatchNorm, DDP's reducer) would otherwise wait for a rank that never comes. An empty
     slice's loss is an empty sum, 0, so it contributes zero gradients.
     """
+    if first_half is not None and has_batch_norm(model):
+        first_half.append(first_half_point(model, images, labels, global_batch, options))
+        first_half = None
+    count = None if largest_slice is None else micro_batch_count(largest_slice, options.max_micro_batch)
     halves = [(images, labels)] if first_half is None else \
         [(images[:len(labels) // 2], labels[:len(labels) // 2]), (images[len(labels) // 2:], labels[len(labels) // 2:])]
     chunks = [(chunk, half) for half, (half_images, half_labels) in enumerate(halves)
-              for chunk in micro_batches(half_images, half_labels, options.max_micro_batch)]
+              for chunk in micro_batches(half_images, half_labels, options.max_micro_batch,
+                                         count if first_half is None else None)]
     loss_sum = 0.0
     for index, ((chunk_images, chunk_labels), half) in enumerate(chunks):
         hold = no_sync() if no_sync is not None and index < len(chunks) - 1 else contextlib.nullcontext()
@@ -143,7 +216,7 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch
             (options.scaler.scale(loss) if options.scaler is not None else loss).backward()
         loss_sum += loss.item() * global_batch
         if first_half is not None and half == 0 and (index + 1 == len(chunks) or chunks[index + 1][1] == 1):
-            first_half.append((len(halves[0][1]), squared_grad_norm(model, options)))
+            first_half.append((len(halves[0][1]), squared_grad_norm(model, options)))   # the halves: one rank only
     return loss_sum
 
 
@@ -198,19 +271,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
                slowdown: float = 1.0, emulated_sample_s: float | None = None,
                emulated_step_s: float = 0.0, emulated_sleep: bool = True,
-               options: StepOptions = StepOptions()) -> StepResult:
+               options: StepOptions = StepOptions(), largest_slice: int | None = None) -> StepResult:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
     `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
     rank instead takes exactly (emulated_step_s + b * emulated_sample_s) * k seconds (it sleeps whatever its real
     compute left over) and reports that time: balancer decisions then no longer depend on timing noise
     (reproducible experiments), and a fixed per-step cost makes the step time affine in b, as on real hardware.
+    `largest_slice`: max over ranks of this step's slices (the plan's), so that every rank runs as many micro-batches
+    (micro_batch_count); None: this rank's own, which is safe only without collectives inside the model.
     """
     world_size = sync.world_size
     optimizer.zero_grad(set_to_none=True)
     first_half = [] if options.measure_noise and world_size == 1 else None
     started = time.perf_counter()
-    loss_sum = forward_backward(model, images, labels, global_batch, options, first_half=first_half)
+    loss_sum = forward_backward(model, images, labels, global_batch, options, first_half=first_half,
+                                largest_slice=largest_slice)
     compute_s = time.perf_counter() - started
     compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s,
                                     emulated_sleep)

@@ -73,7 +73,7 @@ def main() -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sampler = DynamicBatchSampler(len(dataset), rank=rank, world_size=world, seed=0, require_plans=True)
     loader = planned_loader(dataset, sampler, collate_fn=default_collate, num_workers=args.workers)
-    lookahead = prefetch_depth(args.workers)
+    lookahead = prefetch_depth(loader)   # as far ahead as the loader prefetches (its workers x prefetch_factor)
     if args.check:  # rank i holds i + 1 shares: 16/32 of 48 on 2 ranks
         balancer = build_balancer("weights", world, rank_weights=[float(i + 1) for i in range(world)])
     else:

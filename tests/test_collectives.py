@@ -12,8 +12,9 @@ from dynbatch_core.agreement import check_ranks_agree
 from dynbatch_core.checkpoint import save_checkpoint
 from dynbatch_core.distributed import agree_on_round, exit_without_teardown
 from dynbatch_core.elastic import newest_checkpoint
-from dynbatch_core.step import GradientSync, train_step
-from dynbatch_core.evaluation import average_buffers
+from dynbatch_core.step import GradientSync, StepOptions, train_step
+from dynbatch_core.evaluation import average_buffers, recompute_batch_norm
+from dynbatch_core.sampler import DynamicBatchSampler
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,9 @@ def group_results(tmp_path_factory):
     jobs = {"empty slice": step_with_an_empty_slice, "disagreement": disagreeing_split,
             "separate folders": NewestCheckpoint([folder / "node0", folder / "node1"], [[10], [10, 20]]),
             "no checkpoint": NewestCheckpoint([folder / "empty0", folder / "empty1"], [[], []]),
-            "buffers": weighted_buffers}
+            "same step, other states": NewestCheckpoint([folder / "same0", folder / "same1"], [[40], [40]]),
+            "buffers": weighted_buffers, "sample order": disagreeing_order, "unused parameter": unused_parameter,
+            "micro-batches": micro_batches_on_an_uneven_split, "precise bn": precise_batch_norm_passes}
     for job in jobs.values():
         getattr(job, "setup", lambda: None)()
     results = mp.get_context("spawn").SimpleQueue()
@@ -135,6 +138,127 @@ def test_the_rank_that_holds_the_newest_checkpoint_hands_it_to_every_rank(group_
     newest = (str(folder / "node1" / "checkpoints" / "step-00000020"), f"{folder / 'node1'}:20")
     assert group_results["separate folders"] == {0: ("ok", newest), 1: ("ok", newest)}  # node0 holds only step 10
     assert group_results["no checkpoint"] == {0: ("ok", None), 1: ("ok", None)}
+
+
+def test_two_folders_holding_different_checkpoints_of_one_step_resume_one_state_on_every_rank(group_results):
+    """Each rank used to load its own file when the step numbers agreed: two nodes then trained on from different
+    weights. Now the checkpoints' ids differ, so the first holder's state is broadcast."""
+    folder = group_results["folder"]
+    first = (str(folder / "same0" / "checkpoints" / "step-00000040"), f"{folder / 'same0'}:40")
+    assert group_results["same step, other states"] == {0: ("ok", first), 1: ("ok", first)}
+
+
+def disagreeing_order(rank: int, world_size: int):
+    """Rank 1 cuts another permutation (a node with another torch build): caught at the start of the epoch."""
+    sampler = DynamicBatchSampler(1000, rank=rank, world_size=world_size, seed=0 if rank == 0 else 1)
+    sampler.seed = 0   # same settings everywhere; rank 1's order differs as another torch build's would
+    if rank == 1:
+        import dynbatch_core.sampler as module
+        original = module.epoch_order
+        module.epoch_order = lambda n, seed, epoch, shuffle=True: original(n, seed + 1, epoch, shuffle)
+    check_ranks_agree({"global batch": 64, "sample order": sampler.order_fingerprint()}, where="at the start of epoch 1")
+
+
+def test_ranks_that_cut_different_sample_orders_fail_in_one_line_at_the_epoch_start(group_results):
+    for rank in (0, 1):
+        status, message = group_results["sample order"][rank]
+        assert status == "error" and message.startswith(
+            "RuntimeError: ranks disagree on global batch / sample order at the start of epoch 1 (rank 0: global "
+            "batch=64, sample order=")
+
+
+class Heads(torch.nn.Module):
+    """`aux` is reached by no rank's loss; `left` by rank 0's only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.left, self.aux = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+
+    def forward(self, x, use_left):
+        return self.body(x) + (self.left(x) if use_left else 0.0)
+
+
+def unused_parameter(rank: int, world_size: int):
+    model = Heads()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(rank))
+    sync = GradientSync(model.parameters(), world_size=world_size)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        model(x, use_left=rank == 0).sum().backward()
+        sync.all_reduce(torch.zeros(1))
+        optimizer.step()
+    return model.aux.weight.grad is None, (model.aux.weight - Heads().aux.weight).abs().max().item(), \
+        model.left.weight.grad is not None
+
+
+def test_a_parameter_no_rank_used_keeps_no_gradient_and_does_not_move(group_results):
+    """GradientSync used to give it a zero gradient, which momentum and weight decay then moved (0.027 here)."""
+    for rank in (0, 1):
+        assert group_results["unused parameter"][rank] == ("ok", (True, 0.0, True))
+
+
+def micro_batches_on_an_uneven_split(rank: int, world_size: int):
+    """Split [3, 13] in micro-batches of 4, with a collective in every forward: 1 vs 4 forwards used to pair one
+    rank's forward collective with the other's gradient all-reduce (a hang until the timeout)."""
+    images, labels = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+    mine = slice(0, 3) if rank == 0 else slice(3, 16)
+    model = CountsInForward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, optimizer, images[mine], labels[mine], global_batch=16, rank=rank,
+               sync=GradientSync(model.parameters(), world_size=world_size), options=StepOptions(max_micro_batch=4),
+               largest_slice=13)
+    return [p.detach().clone().tolist() for p in model.parameters()]
+
+
+def test_micro_batches_on_an_uneven_split_run_in_lockstep_and_match_one_process(group_results):
+    found = group_results["micro-batches"]
+    assert [found[rank][0] for rank in (0, 1)] == ["ok", "ok"], found
+    model = CountsInForward()
+    images, labels = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+    torch.nn.functional.cross_entropy(model.linear(images), labels).backward()
+    with torch.no_grad():
+        expected = [(p - 0.1 * p.grad).tolist() for p in model.parameters()]
+    for rank in (0, 1):
+        for got, want in zip(found[rank][1], expected):
+            assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-6)
+
+
+class NormCountsForwards(torch.nn.Module):
+    """Batch norm plus a collective in every forward (as SyncBatchNorm has); counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.forwards = torch.nn.BatchNorm2d(1), 0
+
+    def forward(self, x):
+        self.forwards += 1
+        count = torch.tensor([float(len(x))])
+        dist.all_reduce(count)
+        return self.norm(x)
+
+
+class Pixels:
+    def __len__(self):
+        return 600
+
+    def __getitems__(self, indices):
+        index = torch.tensor(indices, dtype=torch.float32)
+        return index.view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 600, torch.zeros(len(indices), dtype=torch.long)
+
+
+def precise_batch_norm_passes(rank: int, world_size: int):
+    """513 samples on 2 ranks: 256 and 257, so 1 and 2 passes of 256 before; now 2 on each."""
+    model = NormCountsForwards()
+    recompute_batch_norm(model, Pixels(), samples=513, rank=rank, world_size=world_size,
+                         device=torch.device("cpu"), batch_size=256)
+    return model.forwards, round(model.norm.running_mean.item(), 6)
+
+
+def test_precise_batch_norm_runs_as_many_passes_on_every_rank_with_the_same_statistics(group_results):
+    expected_mean = round(sum(range(513)) / 513 / 600, 6)
+    assert group_results["precise bn"] == {0: ("ok", (2, expected_mean)), 1: ("ok", (2, expected_mean))}
 
 
 def weighted_buffers(rank: int, world_size: int):

@@ -20,11 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_step_a_prefetching_loader_returns_carries_the_split_planned_for_it():
     train, _, _ = load_datasets("synthetic", train_samples=512, test_samples=16)
     splits = [[3, 13], [10, 6]]
-    lookahead = prefetch_depth(2)
     seen, steps = [], 0
     for rank in (0, 1):
         sampler = DynamicBatchSampler(len(train), rank=rank, world_size=2, seed=0, require_plans=True)
         loader = planned_loader(train, sampler, collate_fn=collate_batch, num_workers=2)
+        lookahead = prefetch_depth(loader)
+        assert lookahead == 4   # 2 workers x the default prefetch_factor 2
         sampler.set_epoch(0)
         for step in range(lookahead + 1):
             sampler.plan_step(step, splits[step % 2])
@@ -110,9 +111,11 @@ def test_resume_with_loader_workers_on_ddp_is_bit_exact(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_user_loop_example_under_torchrun_matches_one_process():
+    # 1000 = 27 x 37 + 1: each epoch ends on a step of one sample, so one rank's slice is empty (default_collate
+    # used to crash on it while the other rank waited in the all-reduce)
     completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                str(REPO / "examples" / "ddp_loop.py"), "--check"], capture_output=True, text=True,
-                               timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+                                str(REPO / "examples" / "ddp_loop.py"), "--check", "--batch-size", "37"],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert completed.returncode == 0, completed.stdout + completed.stderr
     difference = float(completed.stdout.split("max |param difference| = ")[1].split()[0])
     assert difference <= 1e-5
