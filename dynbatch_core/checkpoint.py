@@ -22,6 +22,7 @@ import json
 import pickle
 import random
 import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def save_checkpoint(run_dir: Path, *, step: int, world_size: int, state: dict) -
     state = {"format": FORMAT, "world_size": world_size, "step": step, **state}
     write_atomic(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
     published = ([name for name in _published(root) if name != folder.name] + [folder.name])[-KEEP:]
+    # id: tells two checkpoints of one step apart (run folders that nodes do not share) from copies of one
     write_json(root / "latest.json", {"folder": folder.name, "step": step, "world_size": world_size,
-                                      "format": FORMAT, "published": published})
+                                      "format": FORMAT, "published": published, "id": uuid.uuid4().hex})
     prune_checkpoints(root, published)
     return folder
 
@@ -119,8 +121,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def capture_rng() -> dict:
+    """This process's random generators: torch's CPU one, the current GPU's (once CUDA is in use), Python's, numpy's."""
     numpy_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": _to_plain(random.getstate()),
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    return {"torch": torch.get_rng_state(), "python": _to_plain(random.getstate()), **cuda,
             "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
                       "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
                       "cached_gaussian": float(numpy_state[4])}}
@@ -128,6 +132,8 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():   # a CPU checkpoint resumed on a GPU keeps the GPU's seed
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate(_to_tuple(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],

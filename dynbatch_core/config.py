@@ -39,7 +39,8 @@ class RunConfig:
     threads: int | None = _opt(None, "CPU threads per rank (default: this machine's cores // its ranks, at least 1)")
     timeout_s: float = _opt(300.0, "seconds a collective may block before the run fails")
     # optimisation
-    epochs: int = _opt(2, "training epochs")
+    epochs: int = _opt(2, "training epochs (with --lr-scaling adascale: its budget, epochs x training samples "
+                          "counted at the initial batch, which can take more real epochs)")
     max_steps: int | None = _opt(None, "stop after this many global steps (smoke runs)")
     batch_size: int = _opt(64, "initial global batch size (sum over ranks)")
     schedule: str = _opt("static", "global batch schedule")
@@ -88,10 +89,13 @@ class RunConfig:
     clip_grad_norm: float | None = _opt(None, "clip the global gradient (summed over ranks) to this L2 norm")
     precision: str = _opt("fp32", "fp32; bf16 (autocast, CPU or CUDA); fp16 (autocast + loss scaling, CUDA only)")
     max_micro_batch: int | None = _opt(None, "a rank's slice larger than this runs as micro-batches with "
-                                             "accumulated gradients (memory bound; the update is unchanged)")
+                                             "accumulated gradients (memory bound; every rank runs as many, empty "
+                                             "ones included). The update is unchanged with --norm none/group; "
+                                             "under --norm batch each micro-batch is normalised on its own")
     noise_scale: bool = _opt(False, "estimate the gradient noise scale B_simple from every step's gradient norms "
                                     "(steps.csv rank_grad_sq/global_grad_sq, epochs.csv noise_*); at one rank "
-                                    "each step then runs as two halves")
+                                    "each step then runs as two halves (under batch norm: half a step more, "
+                                    "measured on the side; the update is unchanged either way)")
     loader_workers: int = _opt(0, "DataLoader worker processes per rank (splits are then planned as many steps "
                                   "ahead as the loader prefetches)")
     emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "

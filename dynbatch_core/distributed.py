@@ -31,7 +31,8 @@ def visible_gpus() -> int:
 
 
 def check_device(device: str, world_size: int, *, sync_bn: bool = False) -> None:
-    """Refuse device settings that cannot work, before anything is spawned."""
+    """Refuse device settings that cannot work, before anything is spawned. world_size: the ranks on this machine
+    (under torchrun its LOCAL_WORLD_SIZE: each node brings its own GPUs)."""
     gpus = visible_gpus()
     if device == "cuda" and gpus < world_size:
         raise ValueError(f"--device cuda needs one GPU per rank: {world_size} ranks but {gpus} GPU(s) visible; "
@@ -145,9 +146,19 @@ def init_process_group(device_kind: str, rank: int, world_size: int, init_method
     # Under torchrun the rendezvous store outlives a restart of the group; without a namespace of this round the
     # new ranks would read the dead ranks' addresses and fail to connect.
     store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    global _job_store
+    _job_store = store
     round_id = agree_on_round(store, rank, world_size, timeout_s=timeout_s)
     dist.init_process_group(backend, store=dist.PrefixStore(f"dynbatch/round-{round_id}", store), rank=rank,
                             world_size=world_size, timeout=timeout, **bound)
+
+
+_job_store: dist.Store | None = None
+
+
+def job_store() -> dist.Store | None:
+    """torchrun's rendezvous store, which outlives the job's rounds (None for a spawned run)."""
+    return _job_store
 
 
 def agree_on_round(store: dist.Store, rank: int, world_size: int, *, timeout_s: float, poll_s: float = 0.02) -> str:

@@ -5,8 +5,14 @@
 
 A checkpoint is one file written by rank 0 (checkpoint.py). Nodes that share the run folder all see it; nodes that
 do not (each has its own --out) see only what they wrote while they were rank 0, and after a rendezvous round rank
-0 may be another node. So every rank reports the newest checkpoint it sees, and the rank that holds the newest one
-loads it and broadcasts the state; when every rank sees the same one, each loads its own copy.
+0 may be another node. So every rank reports the newest checkpoint it sees, with its id (latest.json; a hash of the
+file for checkpoints written before ids), and the first rank that holds the newest one loads it and broadcasts the
+state. Only when every rank sees the very same checkpoint (a shared folder) does each load its own copy: two
+checkpoints of the same step in two folders (a node that trained again from an older state) are not the same.
+
+A later torchrun round whose ranks find no checkpoint although this job published one (the node that held it left,
+and the folders are not shared) stops with one line instead of training again from step 0: rank 0 records every
+published step in torchrun's rendezvous store, which outlives the rounds (check_nothing_lost).
 
 torchrun fixes its arguments at launch and renumbers ranks every round, so a per-rank flag such as --slowdown
 cannot be given for the new world size. Each node's environment can: DYNBATCH_NODE_SLOWDOWN=3 on a node makes its
@@ -15,6 +21,7 @@ ranks 3x slower (emulated), and the ranks gather the list in rank order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -39,18 +46,18 @@ def newest_checkpoint(run_dir: Path) -> ResumeState | None:
         found, error = latest_checkpoint(run_dir), None
     except ValueError as unreadable:
         found, error = None, str(unreadable)
-    mine = (found[1]["step"], str(found[0])) if found is not None else (-1, "")
+    mine = (found[1]["step"], str(found[0]), checkpoint_id(*found)) if found is not None else (-1, "", "")
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, (mine, error))
     errors = [f"rank {rank}: {text}" for rank, (_, text) in enumerate(seen) if text]
     if errors:
         raise ValueError("; ".join(errors))
-    newest = max(step for (step, _), _ in seen)
+    newest = max(step for (step, _, _), _ in seen)
     if newest < 0:
         return None
-    if all(step == newest for (step, _), _ in seen):  # a shared folder (or identical copies): each loads its own
+    if all((step, ident) == (newest, mine[2]) for (step, _, ident), _ in seen):   # one checkpoint, seen by all
         return ResumeState(Path(mine[1]), load_checkpoint(Path(mine[1]) / STATE_FILE))
-    holder = next(rank for rank, ((step, _), _) in enumerate(seen) if step == newest)
+    holder = next(rank for rank, ((step, _, _), _) in enumerate(seen) if step == newest)
     box = [None]
     if dist.get_rank() == holder:
         try:
@@ -62,6 +69,39 @@ def newest_checkpoint(run_dir: Path) -> ResumeState | None:
     if error:
         raise ValueError(error)
     return ResumeState(Path(seen[holder][0][1]), state)
+
+
+def checkpoint_id(folder: Path, meta: dict) -> str:
+    """What tells checkpoints apart: the id latest.json gives it, or (written before ids) a hash of its file."""
+    if meta.get("id"):
+        return str(meta["id"])
+    digest = hashlib.sha256()
+    with open(Path(folder) / STATE_FILE, "rb") as state:
+        for block in iter(lambda: state.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+PUBLISHED_KEY = "dynbatch/published-step"
+
+
+def record_published(store, step: int) -> None:
+    """Rank 0 under torchrun, after publishing a checkpoint: note its step where later rounds will look."""
+    if store is not None:
+        store.set(PUBLISHED_KEY, str(step))
+
+
+def check_nothing_lost(store, found: ResumeState | None, run_dir: Path) -> None:
+    """A torchrun round must not start over from an older state than this job already published (ValueError)."""
+    if store is None or not store.check([PUBLISHED_KEY]):
+        return
+    published = int(store.get(PUBLISHED_KEY).decode())
+    resumed = -1 if found is None else int(found.state["step"])
+    if resumed < published:
+        where = "no checkpoint" if found is None else f"only the checkpoint of step {resumed}"
+        raise ValueError(f"this torchrun job published a checkpoint at step {published}, but its ranks find {where} "
+                         f"in their run folders ({run_dir} here): the node that held it left and the folders are not "
+                         "shared; share --out between nodes, or copy its checkpoints/ folder here, and start again")
 
 
 def with_node_slowdowns(config: RunConfig) -> RunConfig:

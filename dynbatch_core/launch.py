@@ -127,7 +127,7 @@ def train_under_torchrun(config: RunConfig) -> Path:
     config = dataclasses.replace(config, out=folder, resume=folder if _has_checkpoint(folder) else None)
     if config.resume is None and _started_by_this_job(folder, run_id):  # died before its first checkpoint
         config = dataclasses.replace(config, overwrite=True)
-    data_source = validate_config(config)
+    data_source = validate_config(config, local_world_size=local_world_size)
     device_kind = resolve_device(config.device, local_world_size)
     run_dir = Path(folder).expanduser().resolve()
     if rank == 0:
@@ -231,14 +231,14 @@ class _RunProgressBar:
 
     def __init__(self, config: RunConfig, run_dir: Path):
         self.source = ProgressFile(run_dir / PROGRESS_FILE)
-        self.epochs = config.epochs
+        self.epochs = "" if config.lr_scaling == "adascale" else f"/{config.epochs}"   # AdaScale: its budget ends it
         self.bar = launcher_progress(total=config.max_steps, enabled=config.progress)
 
     def refresh(self) -> None:
         progress = self.source.read()
         if progress is None or "total_steps" not in progress or self.bar.disable:
             return
-        self.bar.set_description(f"epoch {progress['epoch'] + 1}/{self.epochs} B={progress['global_batch']}",
+        self.bar.set_description(f"epoch {progress['epoch'] + 1}{self.epochs} B={progress['global_batch']}",
                                  refresh=False)
         self.bar.set_postfix(loss=f"{progress['loss']:.3f}", split=",".join(map(str, progress["split"])),
                              refresh=False)

@@ -28,8 +28,8 @@ from .validation import balancer_options, check_same_computation, schedule_optio
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
 from .evaluation import evaluate, recompute_batch_norm
-from .elastic import ResumeState, newest_checkpoint, with_node_slowdowns
-from .distributed import init_process_group, resolve_gradient_sync, threads_per_rank
+from .elastic import ResumeState, check_nothing_lost, newest_checkpoint, record_published, with_node_slowdowns
+from .distributed import init_process_group, job_store, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
 from .hetero import SlowdownPlan
 from .lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
@@ -58,6 +58,7 @@ def train_worker(config: RunConfig, *, rank: int, local_rank: int, local_world_s
     found = newest_checkpoint(Path(run_dir)) if config.resume is not None or init_method == "env://" else None
     if config.resume is not None and found is None:
         raise ValueError(f"--resume {config.resume}: no rank finds a checkpoint to resume from")
+    check_nothing_lost(job_store(), found, Path(run_dir))   # torchrun: never start over from less than was published
     trainer = RankTrainer(config, rank=rank, device=device, run_dir=Path(run_dir), draw_progress=draw_progress)
     if found is not None:
         trainer.resume(found)
@@ -97,6 +98,7 @@ class RankTrainer:
         spec = self.train_set.spec
         model = build_model(config.model, in_channels=spec.in_channels, num_classes=spec.num_classes,
                             norm=config.norm)
+        torch.manual_seed(rank_seed(config.seed, rank))   # from here on each rank draws its own numbers (dropout)
         if config.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model.to(device)  # the bare model: state dicts, evaluation
@@ -113,10 +115,12 @@ class RankTrainer:
                                                   trace=config.slowdown_trace)
         self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
                                            seed=config.seed, require_plans=True)
+        # The loader's own generator seeds its workers: iter() then leaves the default RNG alone, so a resumed run
+        # draws exactly what the uninterrupted one drew after its checkpoint.
         self.loader = planned_loader(self.train_set, self.sampler, collate_fn=collate_batch,
-                                     num_workers=config.loader_workers)
+                                     num_workers=config.loader_workers, generator=torch.Generator())
         # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
-        self.lookahead = prefetch_depth(config.loader_workers)
+        self.lookahead = prefetch_depth(self.loader)
         self.trained: StepPlan | None = None   # the plan of the last step trained
         self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
         self.emulated_step_s = (config.emulated_step_ms or 0.0) / 1000
@@ -140,14 +144,28 @@ class RankTrainer:
         self.epoch_rows: list[dict] = []   # rank 0
         self.my_rows: list[dict] = []      # this rank's rows of the current epoch
 
+    @property
+    def adascale(self) -> bool:
+        return self.config.lr_scaling == "adascale"
+
     def steps_left(self) -> bool:
-        if self.config.lr_scaling == "adascale" and \
-                self.progress.scaled_samples >= self.config.epochs * len(self.train_set):
+        if self.adascale and self.progress.scaled_samples >= self.config.epochs * len(self.train_set):
             return False   # AdaScale's budget: the run's samples counted at the initial batch (its LR has decayed)
         return self.config.max_steps is None or self.progress.global_step < self.config.max_steps
 
+    def epochs_left(self) -> bool:
+        """AdaScale's run ends when its budget is spent (steps_left), which takes more real epochs than --epochs
+        whenever its gain stays below B/B_0; every other run ends after --epochs."""
+        return self.adascale or self.progress.epoch < self.config.epochs
+
+    def epoch_label(self, epoch: int) -> str:
+        if self.adascale:
+            budget = self.config.epochs * len(self.train_set)
+            return f"epoch {epoch + 1} (AdaScale budget {min(1.0, self.progress.scaled_samples / budget):.0%} spent)"
+        return f"epoch {epoch + 1}/{self.config.epochs}"
+
     def fit(self) -> None:
-        while self.progress.epoch < self.config.epochs and self.steps_left():
+        while self.epochs_left() and self.steps_left():
             self.train_epoch()
         if self.rank == 0:
             state = {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
@@ -168,22 +186,24 @@ class RankTrainer:
         config, progress, epoch = self.config, self.progress, self.progress.epoch
         decision = self.decide_schedule(epoch)
         batch = progress.batch or decision.global_batch   # a step rule (goodput) may change it inside the epoch
-        target_lr = scaled_lr(config.lr, batch, config.batch_size, config.lr_scaling) * decision.lr_factor
         total_samples = config.epochs * len(self.train_set)
         self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
         self.train_set.set_epoch(epoch)
         for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
             if step not in self.sampler.plans:  # a resumed run restored the plans it had already made
-                self.sampler.plan_step(step, self.decide_split(decision.global_batch))
-        # The guard: a disagreement would otherwise surface as a hang in some later collective.
+                self.sampler.plan_step(step, self.decide_split(batch))
+        # The guard: a disagreement would otherwise surface as a hang in some later collective, and another sample
+        # order (a node with another torch build) as a silent loss of every-sample-once.
         check_ranks_agree({"global batch": decision.global_batch, "split": self.sampler.requested_batches(),
-                           "step": progress.global_step}, where=f"at the start of epoch {epoch + 1}")
+                           "step": progress.global_step, "sample order": self.sampler.order_fingerprint()},
+                          where=f"at the start of epoch {epoch + 1}")
         self.fault.before_epoch(self.rank, epoch)
         bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
-                           description=f"epoch {epoch + 1}/{config.epochs} B={decision.global_batch}",
+                           description=f"{self.epoch_label(epoch)} B={decision.global_batch}",
                            enabled=self.draw_progress)
         bar.update(progress.epoch_steps)
         segment_started = time.perf_counter()
+        self.loader.generator.manual_seed(rank_seed(config.seed, self.rank) + epoch)
         batches = iter(self.loader)
         while self.steps_left():
             try:
@@ -198,10 +218,12 @@ class RankTrainer:
                 group["lr"] = lr
             started = time.perf_counter()
             slowdown = self.slowdown.factor(self.rank, progress.global_step)
-            result = self.train_step(images.to(self.device), labels.to(self.device), plan.global_batch, slowdown)
+            result = self.train_step(images.to(self.device), labels.to(self.device), plan, slowdown)
             step_s = time.perf_counter() - started
             self.trained = plan
             self.balancer.observe(result.compute_s, result.rank_batches)
+            result = dataclasses.replace(result, noise_points=self.fault.noise_points(
+                progress.global_step, result.noise_points, result.rank_batches))
             estimate = None if result.noise_points is None else fit_step(result.noise_points, len(self.train_set))
             if result.noise_points is not None:
                 self.noise_estimates.append(estimate)
@@ -220,21 +242,18 @@ class RankTrainer:
             progress.epoch_loss_sum += sum(result.loss_sums)
             progress.epoch_samples += result.global_batch
             progress.samples_seen += result.global_batch
-            progress.scaled_samples += self.adascale_gain * config.batch_size if config.lr_scaling == "adascale" \
+            progress.scaled_samples += self.adascale_gain * config.batch_size if self.adascale \
                 else result.global_batch
             progress.epoch_steps += 1
             progress.global_step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
             bar.update()
             remaining = self.remaining_after(plan)
-            last_step = not self.steps_left() or (epoch + 1 == config.epochs and remaining == 0)
+            last_step = not self.steps_left() or (not self.adascale and epoch + 1 == config.epochs and remaining == 0)
             if self.rank == 0 and (last_step or self.progress_file.due()):
-                steps_per_epoch = math.ceil(len(self.train_set) / batch)
-                total = progress.global_step + math.ceil(remaining / batch) \
-                    + (config.epochs - epoch - 1) * steps_per_epoch
                 self.progress_file.report(
                     epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
-                    split=result.rank_batches, total_steps=min(total, config.max_steps or total))
+                    split=result.rank_batches, total_steps=self.expected_total_steps(epoch, remaining, batch))
             if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
                     and remaining > 0:
                 progress.epoch_elapsed_s += time.perf_counter() - segment_started
@@ -242,10 +261,22 @@ class RankTrainer:
                 segment_started = time.perf_counter()
         bar.close()
         progress.epoch_elapsed_s += time.perf_counter() - segment_started
-        if self.remaining_after(self.trained) > 0 and not self.steps_left():
-            self.finish_epoch(batch, target_lr, complete=False)
+        # The next epoch's warm-up starts from this epoch's LR at its B, not from its (possibly short) last step's.
+        epoch_lr = scaled_lr(config.lr, batch, config.batch_size, config.lr_scaling) * decision.lr_factor
+        complete = not (self.remaining_after(self.trained) > 0 and not self.steps_left())
+        self.finish_epoch(batch, epoch_lr, complete=complete)
+
+    def expected_total_steps(self, epoch: int, remaining: int, batch: int) -> int:
+        """The run's steps as far as they can be told now (the progress bar's total)."""
+        config, progress = self.config, self.progress
+        if self.adascale:   # the budget left, at the samples the last step counted
+            per_step = self.adascale_gain * config.batch_size
+            left = max(0.0, config.epochs * len(self.train_set) - progress.scaled_samples)
+            total = progress.global_step + math.ceil(left / per_step)
         else:
-            self.finish_epoch(batch, target_lr, complete=True)
+            total = progress.global_step + math.ceil(remaining / batch) \
+                + (config.epochs - epoch - 1) * math.ceil(len(self.train_set) / batch)
+        return min(total, config.max_steps or total)
 
     def step_lr(self, progress: Progress, target_lr: float, global_batch: int, total_samples: int) -> float:
         """This step's learning rate: warm-up after an epoch boundary raised it, AdaScale's gain, decay."""
@@ -270,14 +301,16 @@ class RankTrainer:
         if progress.global_step < progress.next_decision:
             return batch
         batch, wait = decided_by_rank0(lambda: list(rule.decide(batch)), 2, device=self.device, integers=True)
-        progress.next_decision = progress.global_step + int(wait)
+        # The new B is first trained lookahead steps later (the steps in between were planned already): the rule's
+        # `wait` counts steps at the B it chose.
+        progress.next_decision = progress.global_step + int(wait) + self.lookahead
         return int(batch)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_batch: int, slowdown: float) -> StepResult:
-        options = dict(global_batch=global_batch, rank=self.rank, slowdown=slowdown,
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, plan: StepPlan, slowdown: float) -> StepResult:
+        options = dict(global_batch=plan.global_batch, rank=self.rank, slowdown=slowdown,
                        emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s,
                        emulated_sleep=not self.config.emulated_clock,
-                       options=self.step_options)
+                       options=self.step_options, largest_slice=max(plan.rank_batches))
         if self.gradient_sync == "ddp":
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
         return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
@@ -338,7 +371,7 @@ class RankTrainer:
                 row["schedule_score"] = score
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
-            log(f"epoch {progress.epoch + 1}/{config.epochs}: B={global_batch} steps={progress.epoch_steps} "
+            log(f"{self.epoch_label(progress.epoch)}: B={global_batch} steps={progress.epoch_steps} "
                 f"train_loss={train_loss:.4f} test_loss={test_loss:.4f} test_acc={test_acc:.4f} "
                 f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s"
                 + (f" B_simple={noise['noise_scale']:.1f} ({noise['noise_missing']} of {progress.epoch_steps} steps "
@@ -381,6 +414,7 @@ class RankTrainer:
         if self.rank == 0:
             save_checkpoint(self.run_dir, step=self.progress.global_step, world_size=self.world_size,
                             state={**self.shared_state(epoch_elapsed_s), "ranks": parts})
+            record_published(job_store(), self.progress.global_step)
         dist.barrier()  # nobody runs ahead of a checkpoint that a restart would resume from
 
     def resume(self, found: ResumeState) -> None:
@@ -397,7 +431,7 @@ class RankTrainer:
         check_same_computation(RunConfig.from_dict(state["config"]), self.config, where=f"checkpoint {found.folder}")
         self.module.load_state_dict(state["model"])
         parts = state["ranks"]
-        mine = parts[self.rank] if same_size else parts[self.rank % len(parts)]
+        mine = parts[self.rank] if same_size else None
         buffers = mine["buffers"] if same_size else mean_buffers([part["buffers"] for part in parts])
         with torch.no_grad():
             for name, tensor in self.module.named_buffers():
@@ -420,11 +454,19 @@ class RankTrainer:
             self.my_rows = mine["rows"]
         else:  # rank 0 carries the old ranks' rows of this epoch into the gathered tables
             self.my_rows = [row for part in parts for row in part["rows"]] if self.rank == 0 else []
-        restore_rng(mine["rng"])
+        if same_size:
+            restore_rng(mine["rng"])
+        else:   # the old ranks' generators cannot be matched to the new ranks: a fresh one of each rank's own
+            torch.manual_seed(rank_seed(self.config.seed, self.rank) + self.progress.global_step)
         if self.rank == 0:
             change = "" if same_size else (f"; written by {state['world_size']} ranks, now {self.world_size}: "
                                            f"the {self.balancer.name} balancer starts over from the equal split")
             log(f"resumed from {found.folder} (step {state['step']}, epoch {self.progress.epoch + 1}){change}")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s own random numbers (after the model's initialisation, which all ranks share)."""
+    return seed * 1_000_003 + 7_919 * (rank + 1)
 
 
 def mean_buffers(per_rank: list[dict]) -> dict:

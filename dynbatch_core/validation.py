@@ -13,7 +13,7 @@ from pathlib import Path
 from .balancers import BALANCERS, build_balancer
 from .config import RunConfig, stored_config
 from .data import DATASET_NAMES, describe_data_source
-from .distributed import GRADIENT_SYNCS, check_device, resolve_device
+from .distributed import GRADIENT_SYNCS, check_device, launched_by_torchrun, resolve_device, torchrun_identity
 from .hetero import SlowdownPlan
 from .lr import LR_DECAYS, LR_SCALINGS
 from .models import MODEL_NAMES, NORM_CHOICES
@@ -97,6 +97,10 @@ def check_resume(config: RunConfig) -> None:
 
 def check_same_computation(stored: RunConfig, config: RunConfig, *, where: str) -> None:
     """Refuse a resumed configuration that changes anything but RESUME_MAY_CHANGE (one line naming both values)."""
+    if stored.norm == "batch" and stored.max_micro_batch != config.max_micro_batch:
+        raise ValueError(f"{where}: --max-micro-batch was {stored.max_micro_batch!r} in that run, now "
+                         f"{config.max_micro_batch!r}; under --norm batch each micro-batch is normalised on its own, "
+                         "so it changes the update: keep it")
     for option in dataclasses.fields(RunConfig):
         if option.name in RESUME_MAY_CHANGE:
             continue
@@ -107,11 +111,15 @@ def check_same_computation(stored: RunConfig, config: RunConfig, *, where: str) 
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
 
 
-def validate_config(config: RunConfig) -> str:
+def validate_config(config: RunConfig, *, local_world_size: int | None = None) -> str:
     """Raise ValueError (one line: what is wrong, what is allowed) or return a line saying where the data comes from.
 
-    Run this before spawning anything; run() and the CLI both do.
+    Run this before spawning anything; run() and the CLI both do. local_world_size: the ranks on this machine,
+    which is what the GPUs visible here must serve (default: torchrun's LOCAL_WORLD_SIZE in a torchrun process,
+    else all of them).
     """
+    if local_world_size is None:
+        local_world_size = torchrun_identity()[3] if launched_by_torchrun() else config.world_size
     _check_choice("dataset", config.dataset, DATASET_NAMES)
     _check_choice("model", config.model, MODEL_NAMES)
     _check_choice("norm", config.norm, NORM_CHOICES)
@@ -127,7 +135,7 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
     if config.max_micro_batch is not None and config.max_micro_batch < 1:
         raise ValueError(f"--max-micro-batch must be >= 1, got {config.max_micro_batch}")
-    if config.precision == "fp16" and resolve_device(config.device, config.world_size) != "cuda":
+    if config.precision == "fp16" and resolve_device(config.device, local_world_size) != "cuda":
         raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
     if config.loader_workers < 0:
         raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
@@ -188,7 +196,7 @@ def validate_config(config: RunConfig) -> str:
         raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
     build_schedule(config.schedule, **schedule_options(config))       # their own range checks, one line each
     build_balancer(config.balancer_name, config.world_size, **balancer_options(config))
-    check_device(config.device, config.world_size, sync_bn=config.sync_bn)
+    check_device(config.device, local_world_size, sync_bn=config.sync_bn)
     data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
                                        test_samples=config.test_samples, download=config.download)
     if config.resume is not None:

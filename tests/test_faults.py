@@ -24,5 +24,5 @@ def test_with_the_switch_faults_are_parsed(monkeypatch):
     with pytest.raises(RuntimeError, match="injected fault at step 3 on rank 1"):
         InjectedFault("raise", 1, 3).before_step(1, 3)
     monkeypatch.setenv("DYNBATCH_FAULT", "explode:1")
-    with pytest.raises(ValueError, match=re.escape("expected raise|kill|hang:RANK:STEP")):
+    with pytest.raises(ValueError, match=re.escape("expected raise|kill|hang|nonfinite:RANK:STEP")):
         InjectedFault.from_env()
