@@ -12,6 +12,8 @@ lag (as in pycls/Detectron's "precise BN").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -75,7 +77,7 @@ def recompute_batch_norm(model: torch.nn.Module, train_set, *, samples: int, ran
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
-    passes = -(-(-(-samples // world_size)) // batch_size)   # ceil(the largest share / batch_size), on every rank
+    passes = math.ceil(math.ceil(samples / world_size) / batch_size)   # the largest share's passes, on every rank
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for first in range(start, start + passes * batch_size, batch_size):
             indices = list(range(first, min(first + batch_size, stop)))

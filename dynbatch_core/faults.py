@@ -70,7 +70,6 @@ class InjectedFault:
         """The step's noise points (step.StepResult.noise_points), overflowed at the nonfinite fault's step."""
         if self.kind != "nonfinite" or step != self.when or points is None:
             return points
-        with_samples = [rank for rank, batch in enumerate(rank_batches) if batch > 0]
-        overflowed = {with_samples.index(self.rank), len(points) - 1} if self.rank in with_samples else \
-            {len(points) - 1}
+        with_samples = [rank for rank, batch in enumerate(rank_batches) if batch > 0]   # the points' ranks, in order
+        overflowed = {len(points) - 1} | ({with_samples.index(self.rank)} if self.rank in with_samples else set())
         return [(batch, float("inf") if index in overflowed else norm) for index, (batch, norm) in enumerate(points)]

@@ -127,7 +127,7 @@ def train_under_torchrun(config: RunConfig) -> Path:
     config = dataclasses.replace(config, out=folder, resume=folder if _has_checkpoint(folder) else None)
     if config.resume is None and _started_by_this_job(folder, run_id):  # died before its first checkpoint
         config = dataclasses.replace(config, overwrite=True)
-    data_source = validate_config(config, local_world_size=local_world_size)
+    data_source = validate_config(config)   # its GPU checks read this node's LOCAL_WORLD_SIZE
     device_kind = resolve_device(config.device, local_world_size)
     run_dir = Path(folder).expanduser().resolve()
     if rank == 0:

@@ -49,6 +49,7 @@ def rank_slices(rank_batches: Sequence[int]) -> list[tuple[int, int]]:
 
 
 FINGERPRINT_INDICES = 1024   # how much of an epoch's order order_fingerprint reads
+NOT_GIVEN = object()         # state_dict's `trained` when the caller passed none (None means: no step trained yet)
 
 
 class StepPlan(list):
@@ -163,13 +164,13 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         head = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[:FINGERPRINT_INDICES]
         return hashlib.sha1(head.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
-    def state_dict(self, trained: StepPlan | None | type(...) = ...) -> dict:
+    def state_dict(self, trained: StepPlan | None = NOT_GIVEN) -> dict:
         """The position to resume from. With a prefetching loader the sampler runs ahead of training: pass the last
         trained step's plan (`trained`) to record the position after it, with the plans of every later step (the
         ones already handed to the loader included, so steps must be planned), so a resumed run trains exactly
         the same steps. With require_plans=True `trained` must be given (None: no step trained yet): the cursor
         alone is as far as the loader has read ahead, and a resume from it would skip those steps."""
-        if trained is ...:
+        if trained is NOT_GIVEN:
             if self.require_plans:
                 raise TypeError("DynamicBatchSampler.state_dict(trained=plan): with require_plans=True pass the plan "
                                 "of the last step trained (None before the first), not the cursor the loader read "

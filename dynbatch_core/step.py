@@ -77,12 +77,12 @@ class GradientSync:
             works.append(dist.all_reduce(buffer, async_op=True))
         for work in works:
             work.wait()
-        held_somewhere = {id(param) for param, count in zip(self.params, holders.tolist()) if count > 0}
+        unused = {id(param) for param, count in zip(self.params, holders.tolist()) if count == 0}
         for bucket, buffer in zip(self.buckets, self.buffers):
             offset = 0
             for param in bucket:
                 summed = buffer[offset:offset + param.numel()].view_as(param)
-                if id(param) not in held_somewhere:
+                if id(param) in unused:
                     pass   # no rank's loss reached it: None, as in one process
                 elif param.grad is None:
                     param.grad = summed.clone()
@@ -166,20 +166,23 @@ def first_half_point(model: torch.nn.Module, images: torch.Tensor, labels: torch
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for chunk_images, chunk_labels in micro_batches(images[:half], labels[:half], options.max_micro_batch):
-            with torch.autocast(images.device.type, dtype=options.autocast_dtype,
-                                enabled=options.autocast_dtype is not None):
-                logits = bare(chunk_images)
-            loss = uneven_batch_loss(logits.float(), chunk_labels, global_batch)
-            loss = options.scaler.scale(loss) if options.scaler is not None else loss
-            for total, grad in zip(summed, torch.autograd.grad(loss, params, allow_unused=True)):
+            loss = chunk_loss(bare, chunk_images, chunk_labels, global_batch, options)
+            scaled = options.scaler.scale(loss) if options.scaler is not None else loss
+            for total, grad in zip(summed, torch.autograd.grad(scaled, params, allow_unused=True)):
                 if grad is not None:
                     total += grad
     with torch.no_grad():
         for buffer, saved in zip(bare.buffers(), buffers):
             buffer.copy_(saved)
-    squares = float(torch.stack([grad.double().pow(2).sum() for grad in summed]).sum()) if summed else 0.0
-    scale = options.scaler.get_scale() if options.scaler is not None else 1.0
-    return half, squares / scale ** 2
+    return half, squared_norm(summed, options)
+
+
+def chunk_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
+               options: StepOptions) -> torch.Tensor:
+    """One micro-batch's share of the global mean loss, its forward under the step's autocast."""
+    with torch.autocast(images.device.type, dtype=options.autocast_dtype, enabled=options.autocast_dtype is not None):
+        logits = model(images)
+    return uneven_batch_loss(logits.float(), labels, global_batch)
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, global_batch: int,
@@ -209,10 +212,7 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch
     for index, ((chunk_images, chunk_labels), half) in enumerate(chunks):
         hold = no_sync() if no_sync is not None and index < len(chunks) - 1 else contextlib.nullcontext()
         with hold:
-            with torch.autocast(images.device.type, dtype=options.autocast_dtype,
-                                enabled=options.autocast_dtype is not None):
-                logits = model(chunk_images)
-            loss = uneven_batch_loss(logits.float(), chunk_labels, global_batch)
+            loss = chunk_loss(model, chunk_images, chunk_labels, global_batch, options)
             (options.scaler.scale(loss) if options.scaler is not None else loss).backward()
         loss_sum += loss.item() * global_batch
         if first_half is not None and half == 0 and (index + 1 == len(chunks) or chunks[index + 1][1] == 1):
@@ -222,7 +222,12 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, labels: torch
 
 def squared_grad_norm(model: torch.nn.Module, options: StepOptions) -> float:
     """|gradient|^2 over the model's parameters (float16 loss scaling undone), in float64."""
-    squares = [param.grad.detach().double().pow(2).sum() for param in model.parameters() if param.grad is not None]
+    return squared_norm([param.grad for param in model.parameters() if param.grad is not None], options)
+
+
+def squared_norm(gradients: list[torch.Tensor], options: StepOptions) -> float:
+    """|gradients|^2 in float64, float16 loss scaling undone."""
+    squares = [grad.detach().double().pow(2).sum() for grad in gradients]
     total = float(torch.stack(squares).sum()) if squares else 0.0   # one device sync, not one per parameter
     scale = options.scaler.get_scale() if options.scaler is not None else 1.0
     return total / scale ** 2
