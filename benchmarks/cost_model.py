@@ -58,7 +58,7 @@ def fixed_splits(slowdown: tuple[float, ...]) -> list[tuple[int, ...]]:
 
 
 def config(args, name: str, world_size: int, steps: int, **options) -> RunConfig:
-    return RunConfig(dataset="mnist", data_dir=args.data_dir, model="resnet8", world_size=world_size, batch_size=BATCH,
+    return RunConfig(dataset="mnist", data_dir=args.data_dir, model="resnet8", world_size=world_size, initial_batch=BATCH,
                      lr=0.1, lr_decay="none", train_samples=1024, test_samples=200, epochs=steps // 8,
                      out=str(Path(args.runs_dir) / name), overwrite=True, progress=False,
                      checkpoints=False, timeout_s=120.0, **options)

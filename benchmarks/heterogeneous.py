@@ -87,7 +87,7 @@ def run_config(args, scenario: Scenario, balancer: str) -> RunConfig:
     slug = re.sub(r"[^0-9a-z]+", "-", scenario.name.lower()).strip("-")
     return RunConfig(
         dataset="mnist", data_dir=args.data_dir, model=args.model, world_size=scenario.world_size,
-        batch_size=args.batch_size, lr=args.lr, lr_decay="cosine", seed=args.seed,
+        initial_batch=args.batch_size, lr=args.lr, lr_decay="cosine", seed=args.seed,
         train_samples=args.train_samples if main else args.sweep_train_samples,
         epochs=args.epochs if main else args.sweep_epochs,
         test_samples=args.test_samples if main else args.sweep_test_samples,

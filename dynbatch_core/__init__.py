@@ -15,17 +15,18 @@ from .validation import validate_config
 from .data import DATASET_NAMES, load_datasets
 from .metrics import RunResult, read_run
 from .models import MODEL_NAMES, build_model
-from .sampler import DynamicBatchSampler
+from .sampler import DynamicBatchSampler, epoch_order
 from .lr import scaled_lr
 from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .step import GradientSync, train_step, uneven_batch_loss
 from .ddp_step import exchange_measurements, wrap_ddp
 from .loader import planned_loader, prefetch_depth
 from .launch import RunFailed, RunInterrupted, run
+from .distributed import exit_without_teardown
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
-           "DynamicBatchSampler", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
+           "DynamicBatchSampler", "epoch_order", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
            "GradientSync", "train_step", "uneven_batch_loss", "wrap_ddp", "exchange_measurements", "planned_loader",
            "prefetch_depth", "run", "RunFailed", "RunInterrupted", "decided_by_rank0",
-           "check_ranks_agree"]
+           "check_ranks_agree", "exit_without_teardown"]

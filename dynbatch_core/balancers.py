@@ -28,6 +28,7 @@ from typing import Sequence
 
 from .balancer_base import Balancer
 from .model_balancer import ModelBalancer
+from .registry import registered, taken_options
 
 
 class EqualBalancer(Balancer):
@@ -206,9 +207,6 @@ BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (EqualBalancer,
 def build_balancer(name: str, world_size: int, *, rank_weights: Sequence[float] | None = None,
                    min_rank_batch: int = 1, max_rank_batch: int | None = None, **options) -> Balancer:
     """The balancer called `name`; options a balancer does not take are ignored."""
-    if name not in BALANCERS:
-        raise ValueError(f"unknown balancer {name!r}; choose from {', '.join(BALANCERS)}")
-    cls = BALANCERS[name]
-    options["rank_weights"] = rank_weights
-    taken = {key: value for key, value in options.items() if key in cls.options and value is not None}
-    return cls(world_size, min_rank_batch=min_rank_batch, max_rank_batch=max_rank_batch, **taken)
+    cls = registered(BALANCERS, "balancer", name)
+    return cls(world_size, min_rank_batch=min_rank_batch, max_rank_batch=max_rank_batch,
+               **taken_options(cls, {**options, "rank_weights": rank_weights}))

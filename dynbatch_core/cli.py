@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import RunConfig
+from .config import RunConfig, flag
 
 EXIT_BAD_INPUT = 2
 
@@ -52,15 +52,15 @@ def _names_epilog() -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field, its default shown in --help."""
     for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata["help"]
+        names = dict(dest=field.name, default=field.default, help=field.metadata["help"])
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, **names)
         elif "list_of" in field.metadata:
-            parser.add_argument(flag, type=_comma_list(field.metadata["list_of"]), default=field.default,
-                                metavar="K0,K1,...", help=help_text)
+            parser.add_argument(flag(field.name), type=_comma_list(field.metadata["list_of"]), metavar="K0,K1,...",
+                                **names)
         else:
-            parser.add_argument(flag, type=_scalar_type(field.type), default=field.default, help=help_text)
+            parser.add_argument(flag(field.name), type=_scalar_type(field.type), metavar=flag(field.name)[2:].upper()
+                                .replace("-", "_"), **names)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
-"""The configuration of one training run: one frozen dataclass and its (de)serialisation. Checking it is
+"""The configuration of one training run: one frozen dataclass, its (de)serialisation, and what it gives the
+batching policies (the global batch's bounds, each schedule's and balancer's options). Checking it is
 validation.py's job.
 
     config = RunConfig(dataset="mnist", model="resnet20", world_size=2, epochs=2, train_samples=8192)
     RunConfig.from_dict(json.loads(text)); stored_config("runs/<run>")   # from config.json
+    schedule = build_schedule(config.schedule, **schedule_options(config))
 
 The CLI (`python -m dynbatch_core train --help`), the notebooks and torchrun all build this same object; every
 field's `help` is the flag's documentation.
@@ -13,6 +15,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .balancers import BALANCERS
+from .schedules import SCHEDULES
 
 
 def _opt(default, help: str, **extra):
@@ -42,7 +47,7 @@ class RunConfig:
     epochs: int = _opt(2, "training epochs (with --lr-scaling adascale: its budget, epochs x training samples "
                           "counted at the initial batch, which can take more real epochs)")
     max_steps: int | None = _opt(None, "stop after this many global steps (smoke runs)")
-    batch_size: int = _opt(64, "initial global batch size (sum over ranks)")
+    initial_batch: int = _opt(64, "initial global batch size (sum over ranks)", flag="batch-size")
     schedule: str = _opt("static", "global batch schedule")
     min_batch: int | None = _opt(None, "smallest global batch a schedule may choose (default: world size)")
     max_batch: int | None = _opt(None, "largest global batch a schedule may choose (default: no limit)")
@@ -92,7 +97,7 @@ class RunConfig:
                                              "accumulated gradients (memory bound; every rank runs as many, empty "
                                              "ones included). The update is unchanged with --norm none/group; "
                                              "under --norm batch each micro-batch is normalised on its own")
-    noise_scale: bool = _opt(False, "estimate the gradient noise scale B_simple from every step's gradient norms "
+    measure_noise: bool = _opt(False, "estimate the gradient noise scale B_simple from every step's gradient norms "
                                     "(steps.csv rank_grad_sq/global_grad_sq, epochs.csv noise_*); at one rank "
                                     "each step then runs as two halves (under batch norm: half a step more, "
                                     "measured on the side; the update is unchanged either way)")
@@ -100,7 +105,7 @@ class RunConfig:
                                   "ahead as the loader prefetches)")
     emulated_step_ms: float | None = _opt(None, "with --emulated-sample-ms: a fixed cost per step on top, in ms "
                                                  "(times the slowdown): step time = (step_ms + b x sample_ms) x k")
-    emulated_clock: bool = _opt(False, "with --emulated-sample-ms: report the emulated cost as each rank's compute "
+    skip_emulated_sleep: bool = _opt(False, "with --emulated-sample-ms: report the emulated cost as each rank's compute "
                                        "time without sleeping it (runs at full speed; time on the emulated "
                                        "hardware is then the sum over steps of the slowest rank's compute_s in "
                                        "steps.csv, while wall_s stays this machine's time)")
@@ -109,12 +114,14 @@ class RunConfig:
                                     "averages lag the weights when epochs have few steps, as at large batches); "
                                     "0: evaluate with the running averages")
     optimizer: str = _opt("sgd", "sgd or adam")
-    lr: float = _opt(0.05, "learning rate at the initial batch size (0 freezes the weights: a measurement run)")
+    lr: float = _opt(0.05, "learning rate at --lr-reference-batch (0 freezes the weights: a measurement run)")
+    lr_reference_batch: int | None = _opt(None, "the global batch at which --lr is given; the LR is scaled from it "
+                                                "by --lr-scaling (default: the initial batch)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "weight decay")
     lr_scaling: str = _opt("none", "how the learning rate follows the batch: none, linear, sqrt (use it for "
                                    "Adam) or adascale (SGD: the gain from the measured noise scale, AdaScale) "
-                                   "(relative to the initial batch)")
+                                   "(relative to --lr-reference-batch)")
     lr_decay: str = _opt("cosine", "learning-rate decay over the run's samples: cosine (to 0 at the last epoch) "
                                    "or none")
     seed: int = _opt(0, "seed of the model init and the sample order")
@@ -127,6 +134,11 @@ class RunConfig:
                                     "ranks (other flags default to that run's values)")
     overwrite: bool = _opt(False, "allow writing into an existing, non-empty run folder")
     progress: bool = _opt(True, "show a progress bar on rank 0")
+
+    @property
+    def lr_batch(self) -> int:
+        """The global batch at which `lr` holds (lr_reference_batch, else the initial batch)."""
+        return self.lr_reference_batch if self.lr_reference_batch is not None else self.initial_batch
 
     @property
     def balancer_name(self) -> str:
@@ -147,6 +159,49 @@ class RunConfig:
         return cls(**values)
 
 
+SCHEDULE_OPTIONS = tuple(dict.fromkeys(name for cls in SCHEDULES.values() for name in cls.options))
+BALANCER_OPTIONS = tuple(dict.fromkeys(name for cls in BALANCERS.values() for name in cls.options))
+
+
+@dataclass(frozen=True)
+class BatchBounds:
+    """The global batch's range, as a schedule sees it: every rank needs a sample (min_batch defaults to the world
+    size), and --max-rank-batch bounds B at world_size x max_rank_batch (an implied --max-batch), so a schedule that
+    grows B cannot outgrow what the ranks may hold."""
+    min_batch: int
+    max_batch: int | None        # None: no limit
+    implied_by_rank_cap: bool    # max_batch is world_size x --max-rank-batch, tighter than any --max-batch
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "BatchBounds":
+        min_batch = config.min_batch if config.min_batch is not None else config.world_size
+        max_batch, implied = config.max_batch, False
+        if config.max_rank_batch is not None:
+            cap = config.world_size * config.max_rank_batch
+            implied = max_batch is None or cap < max_batch
+            max_batch = cap if max_batch is None else min(max_batch, cap)
+        return cls(min_batch, max_batch, implied)
+
+
+def schedule_options(config: RunConfig) -> dict:
+    """build_schedule's keywords for this run (the options each schedule declares, read from the config)."""
+    bounds = BatchBounds.of(config)
+    return {"initial_batch": config.initial_batch, "min_batch": bounds.min_batch, "max_batch": bounds.max_batch,
+            **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
+
+
+def balancer_options(config: RunConfig) -> dict:
+    """build_balancer's keywords for this run."""
+    return {"min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
+            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of RunConfig field `name` (initial_batch keeps its old flag, --batch-size)."""
+    option = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+    return "--" + option.metadata.get("flag", name.replace("_", "-"))
+
+
 def stored_config(run_dir: str | Path) -> RunConfig:
     """The configuration a run folder was started with (its config.json)."""
     path = Path(run_dir) / "config.json"
@@ -157,4 +212,15 @@ def stored_config(run_dir: str | Path) -> RunConfig:
     except json.JSONDecodeError as error:
         raise ValueError(f"--resume {run_dir}: config.json is corrupt ({error})") from None
     values.pop("resolved", None)
-    return RunConfig.from_dict(values)
+    return RunConfig.from_dict(with_current_names(values))
+
+
+# Fields renamed since run folders were first written: {old name: new name}. Old config.json files and checkpoints
+# still load (stored_config, resume, read_run); RunConfig.from_dict itself accepts only today's names.
+RENAMED_FIELDS = {"batch_size": "initial_batch", "noise_scale": "measure_noise",
+                  "emulated_clock": "skip_emulated_sleep"}
+
+
+def with_current_names(values: dict) -> dict:
+    """A stored config's values under today's field names."""
+    return {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}

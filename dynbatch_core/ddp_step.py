@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .step import (StepOptions, StepResult, forward_backward, noise_points, optimizer_step, squared_grad_norm,
-                   take_emulated_delay)
+from .hetero import Emulation, take_emulated_delay
+from .step import (StepOptions, StepResult, exchange_step_stats, forward_backward, noise_points, optimizer_step,
+                   squared_grad_norm)
 
 
 class BucketClock:
@@ -47,21 +48,17 @@ class BucketClock:
         self.compute_s = 0.0
         self.batch = 0
         self.slowdown = 1.0
-        self.emulated_sample_s: float | None = None   # emulation (see step.take_emulated_delay), or None
-        self.emulated_step_s = 0.0
-        self.emulated_sleep = True
+        self.emulation: Emulation | None = None       # see hetero.take_emulated_delay
         self.buckets = 0                              # gradient buckets seen in the current step
         self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
         self.measure_noise = False
         self._start_event = self._ready_event = None
 
-    def start(self, *, batch: int = 0, slowdown: float = 1.0, emulated_sample_s: float | None = None,
-              emulated_step_s: float = 0.0, emulated_sleep: bool = True) -> None:
+    def start(self, *, batch: int = 0, slowdown: float = 1.0, emulation: Emulation | None = None) -> None:
         """Call at the start of every step, before forward (batch: this rank's samples, for the emulation)."""
         self.batch, self.slowdown, self.compute_s, self.buckets = batch, slowdown, 0.0, 0
         self.local_sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.emulated_sample_s, self.emulated_step_s = emulated_sample_s, emulated_step_s
-        self.emulated_sleep = emulated_sleep
+        self.emulation = emulation
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._ready_event = torch.cuda.Event(enable_timing=True)
@@ -77,8 +74,7 @@ class BucketClock:
 
     def last_bucket_ready(self) -> None:
         """Measure this rank's compute time and take the emulated delay, before the last all-reduce starts."""
-        self.compute_s = take_emulated_delay(self.elapsed_s(), self.batch, self.slowdown, self.emulated_sample_s,
-                                             self.emulated_step_s, self.emulated_sleep)
+        self.compute_s = take_emulated_delay(self.elapsed_s(), self.batch, self.slowdown, self.emulation)
 
 
 def summing_hook(clock, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -122,19 +118,9 @@ def _python_reducer_mode() -> bool:
 def exchange_measurements(compute_s: float, batch: int, *, device: torch.device | str = "cpu",
                           loss_sum: float = 0.0) -> tuple[list[float], list[int], list[float]]:
     """Every rank's (compute seconds, batch size, summed loss) of this step, on every rank: what balancers observe."""
-    compute, batches, loss_sums, _ = _exchange(compute_s, batch, loss_sum, 0.0, device)
+    compute, batches, loss_sums, _ = exchange_step_stats(compute_s, batch, loss_sum, 0.0, rank=dist.get_rank(),
+                                                         world_size=dist.get_world_size(), device=device)
     return compute, batches, loss_sums
-
-
-def _exchange(compute_s: float, batch: int, loss_sum: float, local_sq: float, device
-              ) -> tuple[list[float], list[int], list[float], list[float]]:
-    """exchange_measurements, plus every rank's squared gradient norm before the reduction (the noise scale)."""
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    stats = torch.zeros(4, world_size, dtype=torch.float64, device=device)
-    stats[:, rank] = torch.tensor([compute_s, float(batch), loss_sum, local_sq], dtype=torch.float64)
-    dist.all_reduce(stats)
-    compute, batches, loss_sums, local_sqs = stats.cpu().tolist()
-    return compute, [int(round(b)) for b in batches], loss_sums, local_sqs
 
 
 def _no_buffer_broadcast() -> dict:
@@ -145,22 +131,21 @@ def _no_buffer_broadcast() -> dict:
 
 def ddp_train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                    labels: torch.Tensor, *, global_batch: int, rank: int, slowdown: float = 1.0,
-                   emulated_sample_s: float | None = None, emulated_step_s: float = 0.0,
-                   emulated_sleep: bool = True, options: StepOptions = StepOptions(),
+                   emulation: Emulation | None = None, options: StepOptions = StepOptions(),
                    largest_slice: int | None = None) -> StepResult:
     """One exact step through DDP (see the module docstring); the arguments mean what they mean in step.train_step."""
     clock: BucketClock = model.clock
     optimizer.zero_grad(set_to_none=True)
     clock.measure_noise = options.measure_noise
     first_half = [] if options.measure_noise and dist.get_world_size() == 1 else None
-    clock.start(batch=len(labels), slowdown=slowdown, emulated_sample_s=emulated_sample_s,
-                emulated_step_s=emulated_step_s, emulated_sleep=emulated_sleep)
+    clock.start(batch=len(labels), slowdown=slowdown, emulation=emulation)
     loss_sum = forward_backward(model, images, labels, global_batch, options, no_sync=model.no_sync,
                                 first_half=first_half, largest_slice=largest_slice)
     backward_done = time.perf_counter()
     scale = options.scaler.get_scale() if options.scaler is not None else 1.0
-    compute, batches, loss_sums, local_sqs = _exchange(clock.compute_s, len(labels), loss_sum,
-                                                       float(clock.local_sq) / scale ** 2, images.device)
+    compute, batches, loss_sums, local_sqs = exchange_step_stats(
+        clock.compute_s, len(labels), loss_sum, float(clock.local_sq) / scale ** 2, rank=rank,
+        world_size=dist.get_world_size(), device=images.device)
     points = noise_points(local_sqs, batches, squared_grad_norm(model, options), first_half) \
         if options.measure_noise else None   # before the optimizer step, which may clip the gradient
     optimizer_step(model, optimizer, options)

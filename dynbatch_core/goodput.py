@@ -1,8 +1,9 @@
 """The goodput rule: choose the global batch that maximises throughput x statistical efficiency (Pollux, OSDI'21),
 from the measured gradient noise scale (noise_scale.py) and the run's own step times.
 
-    rule = GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=50)
-    rule.observe([40, 24], [0.21, 0.20], estimate=NoiseEstimate(...))   # after every step: split, compute_s
+    smoother = NoiseScaleSmoother()         # the caller's: it feeds every step's estimate (and AdaScale reads it)
+    rule = GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=50, smoother=smoother)
+    smoother.update(NoiseEstimate(...)); rule.observe([40, 24], [0.21, 0.20])   # after every step: split, compute_s
     batch, steps = rule.decide(64)          # when due: the B for the next `steps` steps
 
   efficiency   E(B) = (B_simple + B_0) / (B_simple + B): the progress a sample buys at B relative to the initial
@@ -14,7 +15,9 @@ from the measured gradient noise scale (noise_scale.py) and the run's own step t
                rank's time under the best split of B over those lines (cost_model.min_max_split), as a balancer
                would split it: a slow rank enters the choice, while the splits a balancer is still moving through
                (after a change of B) do not. Until every rank has points at two sizes, one line through the
-               steps' (B, slowest compute_s) stands in. What a step takes beyond its slowest rank's compute (the
+               steps' (B, slowest compute_s) stands in. (The model balancer fits the same lines with the same
+               cost_model.fit_affine, but over its last 24 steps, which mostly hold one B: its lines decide the
+               split at that B, while these must price B/2 and 2B, so they keep points across 12 sizes.) What a step takes beyond its slowest rank's compute (the
                reduction, the optimizer step; measured on rank 0, median of the recent steps) is added as a
                fixed cost: on a CPU it is much of what a small batch wastes.
   candidates   B / FACTOR, B, B x FACTOR (FACTOR = 2), within [min_batch, max_batch].
@@ -36,7 +39,7 @@ import statistics
 from typing import Sequence
 
 from .cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s
-from .noise_scale import NoiseEstimate, NoiseScaleSmoother
+from .noise_scale import NoiseScaleSmoother
 
 FACTOR = 2
 EXPLORE_STEPS = 4
@@ -47,7 +50,9 @@ OVERHEADS_KEPT = 64    # the most recent per-step costs beyond compute
 
 class GoodputRule:
     def __init__(self, *, initial_batch: int, min_batch: int, max_batch: int, decide_every: int = 50,
-                 threshold: float = 0.05, noise_decay: float = 0.98):
+                 threshold: float = 0.05, smoother: NoiseScaleSmoother | None = None):
+        """smoother: the smoothed noise scale the rule decides from; its owner feeds it every step's estimate (the
+        training loop's, which AdaScale reads too). Default: a new one, for the caller to feed."""
         if not threshold >= 0:
             raise ValueError(f"goodput threshold must be >= 0, got {threshold}")
         if decide_every < 1:
@@ -55,18 +60,16 @@ class GoodputRule:
         self.decide_every = decide_every
         self.initial_batch, self.min_batch, self.max_batch = initial_batch, min_batch, max_batch
         self.threshold = threshold
-        self.smoother = NoiseScaleSmoother(noise_decay)
+        self.smoother = smoother if smoother is not None else NoiseScaleSmoother()
         self.times: dict[int, list[float]] = {}   # global batch -> its most recent slowest-rank step times
         self.rank_times: list[dict[int, list[float]]] = []   # per rank: its batch -> its most recent compute times
         self.overheads: list[float] = []   # recent seconds per step beyond the slowest rank's compute
         self.explored: set[int] = set()
         self.exploring: int | None = None   # while a candidate is tried: the B to return to
 
-    def observe(self, rank_batches: Sequence[int], compute_s: Sequence[float], estimate: NoiseEstimate | None,
-                overhead_s: float = 0.0) -> None:
-        """One step: each rank's batch and compute seconds, the step's noise estimate (None: not measured), and
-        what the step took beyond the slowest rank's compute."""
-        self.smoother.update(estimate)
+    def observe(self, rank_batches: Sequence[int], compute_s: Sequence[float], overhead_s: float = 0.0) -> None:
+        """One step: each rank's batch and compute seconds, and what the step took beyond the slowest rank's
+        compute (its noise estimate goes to the smoother)."""
         self.overheads = [*self.overheads[1 - OVERHEADS_KEPT:], float(overhead_s)]
         if len(self.rank_times) != len(rank_batches):   # first step, or another world size: start over
             self.rank_times = [{} for _ in rank_batches]
@@ -145,13 +148,13 @@ class GoodputRule:
         return self.efficiency(batch) * batch / step_s
 
     def state_dict(self) -> dict:
-        return {"smoother": self.smoother.state_dict(), "times": _listed(self.times),
+        return {"times": _listed(self.times),
                 "rank_times": [_listed(rank) for rank in self.rank_times], "overheads": list(self.overheads),
                 "explored": sorted(self.explored), "exploring": self.exploring or 0}
 
     def load_state_dict(self, state: dict, *, same_ranks: bool = True) -> None:
-        """same_ranks=False (resumed on another world size): the per-rank times are dropped, the rest kept."""
-        self.smoother.load_state_dict(state["smoother"])
+        """same_ranks=False (resumed on another world size): the per-rank times are dropped, the rest kept. The
+        smoother is its owner's to restore (checkpoints before it was shared held a copy here: ignored)."""
         self.times = _keyed(state["times"])
         self.rank_times = [_keyed(rank) for rank in state.get("rank_times", [])] if same_ranks else []
         self.overheads = [float(t) for t in state.get("overheads", [])]

@@ -1,19 +1,27 @@
-"""Emulated heterogeneity: how many times slower each rank is, at each step.
+"""Emulated heterogeneity and emulated hardware: how many times slower each rank is at each step, and what a step
+costs when its compute is emulated rather than measured.
 
     plan = SlowdownPlan.from_options(world_size=2, slowdown=(1, 3))              # rank 1 is 3x slower throughout
     plan = SlowdownPlan.from_options(world_size=2, trace="0:1,1;100:1,3;200:1,1")  # rank 1 slows at step 100, recovers at 200
     plan = SlowdownPlan.from_options(world_size=2, trace="trace.csv")            # CSV columns: step,k_0,...,k_{n-1}
     plan.factor(rank=1, step=150)                                               # -> 3.0
 
+    emulation = Emulation(sample_s=0.004, step_s=0.010)   # a 1x rank's step takes exactly 10 ms + b x 4 ms
+    compute_s = take_emulated_delay(measured_s, batch=32, slowdown=3.0, emulation=emulation)   # sleeps, -> 0.414
+
 A factor k makes the rank sleep (k - 1) times its own measured compute time each step (see step.train_step), so
-the delay scales with that rank's batch size and never includes time spent waiting for other ranks. A trace row
-holds from its step (0-based global step) until the next row.
+the delay scales with that rank's batch size and never includes time spent waiting for other ranks. With an
+Emulation the rank instead takes exactly (step_s + b x sample_s) x k, sleeping whatever its real compute left over,
+and reports that: balancer decisions then no longer depend on timing noise, and the fixed per-step cost makes the
+step time affine in b, as on real hardware. A trace row holds from its step (0-based global step) until the next
+row.
 """
 from __future__ import annotations
 
 import bisect
 import csv
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +60,37 @@ class SlowdownPlan:
 
     def factors_at(self, step: int) -> tuple[float, ...]:
         return self.factors[bisect.bisect_right(self.change_steps, step) - 1]
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """Emulated compute (--emulated-sample-ms, --emulated-step-ms, --skip-emulated-sleep)."""
+    sample_s: float          # a 1x rank's seconds per sample
+    step_s: float = 0.0      # and per step, on top
+    sleep: bool = True       # False: report the emulated cost without waiting for it (runs at full speed)
+
+    @classmethod
+    def from_ms(cls, sample_ms: float | None, step_ms: float | None = None, *, sleep: bool = True
+                ) -> "Emulation | None":
+        """From the config's milliseconds; None when compute is measured (sample_ms None)."""
+        return None if sample_ms is None else cls(sample_ms / 1000, (step_ms or 0.0) / 1000, sleep)
+
+    def cost_s(self, batch: int, slowdown: float) -> float:
+        return (self.step_s + batch * self.sample_s) * slowdown
+
+
+def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulation: Emulation | None = None) -> float:
+    """Sleep so that this rank looks `slowdown` times slower (or takes exactly the emulated cost); returns the
+    compute seconds to report. Call it when forward and backward are done, before the reduction."""
+    if emulation is not None:
+        target_s = emulation.cost_s(batch, slowdown)
+        if emulation.sleep:
+            time.sleep(max(0.0, target_s - compute_s))
+        return target_s
+    if slowdown > 1.0:
+        # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
+        time.sleep((slowdown - 1.0) * compute_s)
+    return compute_s * max(slowdown, 1.0)
 
 
 def _read_trace(trace: str) -> list[tuple[int, tuple[float, ...]]]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from .config import RunConfig
+from .config import BatchBounds, RunConfig
 from .validation import validate_config
 from .console import LOG_TO_STDOUT, close_launcher_progress, in_jupyter_kernel, launcher_progress, log
 from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
@@ -293,11 +293,10 @@ def _open_run_dir(config: RunConfig, device_kind: str, torchrun_run_id: str | No
 
 def implied_batch_cap(config: RunConfig) -> int | None:
     """world_size x --max-rank-batch when it, not --max-batch, bounds a schedule that can grow the global batch."""
-    from .validation import schedule_options
-    if config.max_rank_batch is None or config.schedule in ("static", "decreasing"):
+    bounds = BatchBounds.of(config)
+    if not bounds.implied_by_rank_cap or config.schedule in ("static", "decreasing"):
         return None
-    cap = config.world_size * config.max_rank_batch
-    return cap if schedule_options(config)["max_batch"] == cap and config.max_batch != cap else None
+    return bounds.max_batch
 
 
 def _run_label(config: RunConfig) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import with_current_names
+
 PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the launching process to draw its progress bar
 STEP_COLUMNS = ["epoch", "step", "rank", "world_size", "rank_batch", "global_batch",
                 "slowdown",                     # the emulated factor k this rank ran at (--slowdown, --slowdown-trace)
@@ -84,7 +86,7 @@ class ProgressFile:
 
 def read_run(run_dir: str | os.PathLike) -> RunResult:
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = with_current_names(json.loads((run_dir / "config.json").read_text()))
     steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").exists() else pd.DataFrame(columns=STEP_COLUMNS)
     epochs = pd.read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").exists() else pd.DataFrame(columns=EPOCH_COLUMNS)
     return RunResult(run_dir, config, steps, epochs)

@@ -8,8 +8,7 @@ import statistics
 from typing import Sequence
 
 from .balancer_base import Balancer
-from .cost_model import (AffineCost, expected_step_s, fit_affine, min_max_split, predicted_step_s, proportional_fit,
-                         residual_spread_s)
+from .cost_model import AffineCost, expected_step_s, fit_affine, min_max_split, proportional_fit, residual_spread_s
 
 
 CHANGE_STEPS = 4         # model: this many outlying steps in a row on one side mean the rank's speed changed (3 slow
@@ -50,7 +49,8 @@ class ModelBalancer(Balancer):
       spread    while some rank's line is not yet affine (its points hold one batch size), every other step moves one
                 sample between two ranks chosen from the step count (never a random draw): every rank and every
                 resumed run do the same.
-    `lines` and `predicted_step_s(split)` expose the model (the adaptive global batch uses it to price other B).
+    `lines` and `cost_line(rank)` expose the model (steps.csv's model_a_s, model_c_s). The goodput rule fits its
+    own lines (goodput.py says why).
     """
 
     name = "model"
@@ -140,12 +140,6 @@ class ModelBalancer(Balancer):
 
     def cost_line(self, rank: int) -> AffineCost | None:
         return self.lines[rank]
-
-    def predicted_step_s(self, split: Sequence[int]) -> float:
-        """The slowest rank's predicted compute seconds for `split` (inf before every rank has a line)."""
-        if any(line is None for line in self.lines):
-            return math.inf
-        return predicted_step_s(split, self.lines)
 
     def split(self, global_batch: int) -> list[int]:
         if any(line is None for line in self.lines):

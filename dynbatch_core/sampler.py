@@ -1,12 +1,11 @@
 """Distributed dynamic batch sampler: one global order per epoch, cut into per-rank slices of any size.
 
     sampler = DynamicBatchSampler(len(train_set), rank=rank, world_size=world_size, seed=0)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch)
-    for epoch in range(epochs):
+    for epoch in range(epochs):        # (a DataLoader takes it as batch_sampler; loader.planned_loader adds the plans)
         sampler.set_epoch(epoch)
         sampler.set_rank_batches([96, 32])       # may change before any step, without rebuilding the loader
-        for x, y in loader:
-            step_batches = sampler.last_rank_batches   # what this step really holds (the last one may be short)
+        for plan in sampler:                     # each a StepPlan: this rank's indices, with the step's split
+            plan.rank_batches                    # what this step really holds (the last one may be short)
 
 The order of epoch e is a permutation that depends only on (seed, e), never on world size or on the split. Step t
 takes the next B_t = sum(rank_batches) indices of that order and gives rank i the contiguous slice
@@ -90,7 +89,6 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.cursor = 0  # samples of this epoch already handed out, summed over all ranks
         self.steps_in_epoch = 0
         self.rank_batches = list(rank_batches) if rank_batches else [1] * world_size
-        self.last_rank_batches: list[int] = [0] * world_size
         self.require_plans = require_plans
         self.plans: dict[int, list[int]] = {}  # step of this epoch -> planned split (kept until the epoch ends)
         self._order: torch.Tensor | None = None
@@ -132,10 +130,6 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
                                "prefetches further ahead than the splits were planned")
         return list(planned if planned is not None else self.rank_batches)
 
-    def next_step_batches(self) -> list[int]:
-        """The per-rank sizes the next step will really have (short only at the end of the epoch)."""
-        return self._cut(self.requested_batches())
-
     def _cut(self, requested: list[int]) -> list[int]:
         """The requested split, or what is left of the epoch split in its proportions."""
         if sum(requested) <= self.remaining:
@@ -149,7 +143,6 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
             start, stop = rank_slices(step_batches)[self.rank]
             plan = StepPlan(order[self.cursor + start:self.cursor + stop].tolist(), epoch=self.epoch,
                             step=self.steps_in_epoch, offset=self.cursor, rank_batches=step_batches)
-            self.last_rank_batches = step_batches
             self.cursor += sum(step_batches)
             self.steps_in_epoch += 1
             yield plan

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .goodput import GoodputRule
+from .noise_scale import NoiseScaleSmoother
+from .registry import registered, taken_options
 
 
 @dataclass(frozen=True)
@@ -313,17 +315,24 @@ class SmithSchedule(Schedule):
 
 
 class GoodputSchedule(Schedule):
-    """Pollux's goodput, decided inside epochs: `rule` (goodput.GoodputRule) sees every step's time and noise
-    estimate, and the training loop asks it every decide_every steps. At an epoch boundary B stays where it was."""
+    """Pollux's goodput, decided inside epochs: `rule` (goodput.GoodputRule) sees every step's time, and the
+    training loop asks it every decide_every steps. At an epoch boundary B stays where it was.
+
+    noise_smoother: the smoothed noise scale the rule reads (the training loop's: it feeds it, AdaScale reads it
+    too). epoch_samples: the rule never chooses B beyond one epoch; the schedule's own max_batch stays as given
+    (it is part of its state)."""
 
     name = "goodput"
     options = ("decide_every", "goodput_threshold")
 
-    def __init__(self, *, decide_every: int = 50, goodput_threshold: float = 0.05, **bounds):
+    def __init__(self, *, decide_every: int = 50, goodput_threshold: float = 0.05,
+                 noise_smoother: NoiseScaleSmoother | None = None, epoch_samples: int | None = None, **bounds):
         super().__init__(**bounds)
         self.decide_every, self.goodput_threshold = decide_every, goodput_threshold
+        rule_max = self.max_batch if epoch_samples is None else min(self.max_batch, epoch_samples)
         self.rule = GoodputRule(initial_batch=self.clamp(self.initial_batch), min_batch=self.min_batch,
-                                max_batch=self.max_batch, decide_every=decide_every, threshold=goodput_threshold)
+                                max_batch=rule_max, decide_every=decide_every, threshold=goodput_threshold,
+                                smoother=noise_smoother)
 
     def decide(self, epoch: int, history: Sequence[EpochSummary]) -> ScheduleDecision:
         return ScheduleDecision(self.current(history))
@@ -342,11 +351,12 @@ SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (
 
 
 def build_schedule(name: str, *, initial_batch: int, min_batch: int = 1, max_batch: int | None = None,
+                   noise_smoother: NoiseScaleSmoother | None = None, epoch_samples: int | None = None,
                    **options) -> Schedule:
-    """The schedule called `name`; options a schedule does not take are ignored."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-    cls = SCHEDULES[name]
-    taken = {key: value for key, value in options.items() if key in cls.options and value is not None}
-    return cls(initial_batch=initial_batch, min_batch=min_batch, max_batch=max_batch, **taken)
+    """The schedule called `name`; options a schedule does not take are ignored. noise_smoother, epoch_samples:
+    what a step rule (goodput) reads, see GoodputSchedule."""
+    cls = registered(SCHEDULES, "schedule", name)
+    rule_inputs = {"noise_smoother": noise_smoother, "epoch_samples": epoch_samples} if cls is GoodputSchedule else {}
+    return cls(initial_batch=initial_batch, min_batch=min_batch, max_batch=max_batch, **rule_inputs,
+               **taken_options(cls, options))
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .hetero import Emulation, take_emulated_delay
 from .noise_scale import step_points
 
 
@@ -242,6 +243,22 @@ def noise_points(local_sq: list[float], batches: list[int], global_sq: float,
     return step_points(local_sq, batches, sum(batches), global_sq)
 
 
+def exchange_step_stats(compute_s: float, batch: int, loss_sum: float, local_sq: float, *, rank: int,
+                        world_size: int, device: torch.device | str, all_reduce=None
+                        ) -> tuple[list[float], list[int], list[float], list[float]]:
+    """Every rank's (compute seconds, batch, summed loss, squared norm of its own gradient) of this step, on every
+    rank, in one all-reduce of a 4 x world_size float64 tensor. all_reduce(tensor) -> tensor: default
+    torch.distributed's in place (GradientSync.all_reduce also sums the gradients in the same round)."""
+    stats = torch.zeros(4, world_size, dtype=torch.float64, device=device)
+    stats[:, rank] = torch.tensor([compute_s, float(batch), loss_sum, local_sq], dtype=torch.float64)
+    if all_reduce is None:
+        dist.all_reduce(stats)
+    else:
+        stats = all_reduce(stats)
+    compute, batches, loss_sums, local_sqs = stats.cpu().tolist()
+    return compute, [int(round(b)) for b in batches], loss_sums, local_sqs
+
+
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
     """After the reduction: unscale (float16), clip the global gradient, step. Every rank holds the same summed
     gradient here, so every rank clips, skips or steps alike."""
@@ -256,33 +273,14 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, opt
         optimizer.step()
 
 
-def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulated_sample_s: float | None,
-                        emulated_step_s: float = 0.0, emulated_sleep: bool = True) -> float:
-    """Sleep so that this rank looks `slowdown` times slower (or takes exactly the emulated cost); returns the
-    compute seconds to report. Call it when forward and backward are done, before the reduction.
-    emulated_sleep=False (--emulated-clock): report the emulated cost without waiting for it."""
-    if emulated_sample_s is not None:
-        target_s = (emulated_step_s + batch * emulated_sample_s) * slowdown
-        if emulated_sleep:
-            time.sleep(max(0.0, target_s - compute_s))
-        return target_s
-    if slowdown > 1.0:
-        # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
-        time.sleep((slowdown - 1.0) * compute_s)
-    return compute_s * max(slowdown, 1.0)
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, global_batch: int, rank: int, sync: GradientSync,
-               slowdown: float = 1.0, emulated_sample_s: float | None = None,
-               emulated_step_s: float = 0.0, emulated_sleep: bool = True,
+               slowdown: float = 1.0, emulation: Emulation | None = None,
                options: StepOptions = StepOptions(), largest_slice: int | None = None) -> StepResult:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
-    `slowdown` k makes this rank sleep (k - 1) times its own measured compute time. With `emulated_sample_s`, the
-    rank instead takes exactly (emulated_step_s + b * emulated_sample_s) * k seconds (it sleeps whatever its real
-    compute left over) and reports that time: balancer decisions then no longer depend on timing noise
-    (reproducible experiments), and a fixed per-step cost makes the step time affine in b, as on real hardware.
+    `slowdown` k makes this rank sleep (k - 1) times its own measured compute time; with `emulation` the rank
+    instead takes exactly its emulated cost (hetero.take_emulated_delay).
     `largest_slice`: max over ranks of this step's slices (the plan's), so that every rank runs as many micro-batches
     (micro_batch_count); None: this rank's own, which is safe only without collectives inside the model.
     """
@@ -293,16 +291,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     loss_sum = forward_backward(model, images, labels, global_batch, options, first_half=first_half,
                                 largest_slice=largest_slice)
     compute_s = time.perf_counter() - started
-    compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulated_sample_s, emulated_step_s,
-                                    emulated_sleep)
+    compute_s = take_emulated_delay(compute_s, len(labels), slowdown, emulation)
     local_sq = squared_grad_norm(model, options) if options.measure_noise else 0.0
-    stats = torch.zeros(4, world_size, dtype=torch.float64, device=images.device)
-    stats[:, rank] = torch.tensor([compute_s, float(len(labels)), loss_sum, local_sq], dtype=torch.float64)
     waited_from = time.perf_counter()
-    stats = sync.all_reduce(stats)
+    compute, batches, loss_sums, local_sqs = exchange_step_stats(
+        compute_s, len(labels), loss_sum, local_sq, rank=rank, world_size=world_size, device=images.device,
+        all_reduce=sync.all_reduce)
     wait_s = time.perf_counter() - waited_from
-    compute, batches, loss_sums, local_sqs = stats.cpu().tolist()
-    batches = [int(round(b)) for b in batches]
     points = noise_points(local_sqs, batches, squared_grad_norm(model, options), first_half) \
         if options.measure_noise else None   # before the optimizer step, which may clip the gradient
     optimizer_step(model, optimizer, options)

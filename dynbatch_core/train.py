@@ -23,15 +23,15 @@ import torch.distributed as dist
 from .agreement import check_ranks_agree, decided_by_rank0, max_over_ranks
 from .balancers import build_balancer
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
-from .config import RunConfig
-from .validation import balancer_options, check_same_computation, schedule_options
+from .config import RunConfig, balancer_options, schedule_options, with_current_names
+from .validation import check_same_computation
 from .console import log, progress_bar
 from .data import collate_batch, load_datasets
 from .evaluation import evaluate, recompute_batch_norm
 from .elastic import ResumeState, check_nothing_lost, newest_checkpoint, record_published, with_node_slowdowns
 from .distributed import init_process_group, job_store, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
-from .hetero import SlowdownPlan
+from .hetero import Emulation, SlowdownPlan
 from .lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
 from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
 from .models import build_model
@@ -109,7 +109,11 @@ class RankTrainer:
         self.sync = GradientSync(self.module.parameters(), world_size=self.world_size) \
             if self.gradient_sync == "explicit" else None
         self.optimizer = _build_optimizer(config, self.module)
-        self.schedule = build_schedule(config.schedule, **schedule_options(config))
+        # The smoothed noise scale, fed every step: AdaScale's gain and the goodput rule read this one copy (every
+        # rank holds it alike; rank 0 decides).
+        self.noise_smoother = NoiseScaleSmoother()
+        self.schedule = build_schedule(config.schedule, **schedule_options(config), noise_smoother=self.noise_smoother,
+                                       epoch_samples=len(self.train_set))   # the rule's B never beyond the epoch
         self.balancer = build_balancer(config.balancer_name, self.world_size, **balancer_options(config))
         self.slowdown = SlowdownPlan.from_options(self.world_size, slowdown=config.slowdown,
                                                   trace=config.slowdown_trace)
@@ -122,22 +126,20 @@ class RankTrainer:
         # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
         self.lookahead = prefetch_depth(self.loader)
         self.trained: StepPlan | None = None   # the plan of the last step trained
-        self.emulated_sample_s = None if config.emulated_sample_ms is None else config.emulated_sample_ms / 1000
-        self.emulated_step_s = (config.emulated_step_ms or 0.0) / 1000
+        self.emulation = Emulation.from_ms(config.emulated_sample_ms, config.emulated_step_ms,
+                                           sleep=not config.skip_emulated_sleep)
         self.step_options = StepOptions(
             clip_grad_norm=config.clip_grad_norm, max_micro_batch=config.max_micro_batch,
             autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
             scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-            measure_noise=config.noise_scale or config.schedule == "goodput" or config.lr_scaling == "adascale")
-        self.noise_smoother = NoiseScaleSmoother()   # AdaScale's noise scale (every rank alike; rank 0 decides)
-        if self.schedule.rule is not None:   # B never beyond the epoch
-            self.schedule.rule.max_batch = min(self.schedule.rule.max_batch, len(self.train_set))
-        self.noise_estimates: list[NoiseEstimate | None] = []   # this epoch's steps (with --noise-scale)
-        self.adascale_gain = 1.0
+            measure_noise=config.measure_noise or config.schedule == "goodput" or config.lr_scaling == "adascale")
+        self.noise_estimates: list[NoiseEstimate | None] = []   # this epoch's steps (with --measure-noise)
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
-        self.progress = Progress(previous_target_lr=config.lr,   # a step rule first decides after decide_every steps
+        self.progress = Progress(previous_target_lr=scaled_lr(config.lr, config.initial_batch, config.lr_batch,
+                                                              config.lr_scaling),
+                                 # a step rule first decides after decide_every steps
                                  next_decision=self.schedule.rule.decide_every if self.schedule.rule else 0)
         self.history: list[EpochSummary] = []
         self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
@@ -183,10 +185,46 @@ class RankTrainer:
                                 integers=True)
 
     def train_epoch(self) -> None:
-        config, progress, epoch = self.config, self.progress, self.progress.epoch
+        progress, epoch = self.progress, self.progress.epoch
         decision = self.decide_schedule(epoch)
-        batch = progress.batch or decision.global_batch   # a step rule (goodput) may change it inside the epoch
-        total_samples = config.epochs * len(self.train_set)
+        batch = progress.batch or decision.global_batch   # the current global batch: goodput may move it mid-epoch
+        self.start_epoch(epoch, decision.global_batch, batch)
+        bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
+                           description=f"{self.epoch_label(epoch)} B={decision.global_batch}",
+                           enabled=self.draw_progress)
+        bar.update(progress.epoch_steps)
+        segment_started = time.perf_counter()
+        for (images, labels), plan in self.epoch_batches(epoch):
+            self.fault.before_step(self.rank, progress.global_step)
+            lr, gain = self.step_lr(plan.global_batch, decision.lr_factor)
+            started = time.perf_counter()
+            slowdown = self.slowdown.factor(self.rank, progress.global_step)
+            result = self.train_step(images.to(self.device), labels.to(self.device), plan, slowdown)
+            step_s = time.perf_counter() - started
+            self.trained = plan
+            self.balancer.observe(result.compute_s, result.rank_batches)
+            self.record_noise(result)
+            if self.schedule.rule is not None:
+                batch = progress.batch = self.rule_step(batch, result, step_s)
+            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
+            self.my_rows.append(self.step_row(plan, result, lr, slowdown))
+            self.count(plan, result, gain)
+            bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
+            bar.update()
+            self.report_progress(plan, result, batch, gain)
+            if self.checkpoint_due(plan):
+                progress.epoch_elapsed_s += time.perf_counter() - segment_started
+                self.save_checkpoint()
+                segment_started = time.perf_counter()
+        bar.close()
+        progress.epoch_elapsed_s += time.perf_counter() - segment_started
+        # The next epoch's warm-up starts from this epoch's LR at its B, not from its (possibly short) last step's.
+        epoch_lr = self.target_lr(batch, decision.lr_factor)
+        complete = not (self.remaining_after(self.trained) > 0 and not self.steps_left())
+        self.finish_epoch(batch, epoch_lr, complete=complete)
+
+    def start_epoch(self, epoch: int, decided_batch: int, batch: int) -> None:
+        """Position the sampler, plan the first steps' splits, and check that every rank agrees."""
         self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
         self.train_set.set_epoch(epoch)
         for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
@@ -194,110 +232,106 @@ class RankTrainer:
                 self.sampler.plan_step(step, self.decide_split(batch))
         # The guard: a disagreement would otherwise surface as a hang in some later collective, and another sample
         # order (a node with another torch build) as a silent loss of every-sample-once.
-        check_ranks_agree({"global batch": decision.global_batch, "split": self.sampler.requested_batches(),
-                           "step": progress.global_step, "sample order": self.sampler.order_fingerprint()},
+        check_ranks_agree({"global batch": decided_batch, "split": self.sampler.requested_batches(),
+                           "step": self.progress.global_step, "sample order": self.sampler.order_fingerprint()},
                           where=f"at the start of epoch {epoch + 1}")
         self.fault.before_epoch(self.rank, epoch)
-        bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
-                           description=f"{self.epoch_label(epoch)} B={decision.global_batch}",
-                           enabled=self.draw_progress)
-        bar.update(progress.epoch_steps)
-        segment_started = time.perf_counter()
-        self.loader.generator.manual_seed(rank_seed(config.seed, self.rank) + epoch)
+
+    def epoch_batches(self, epoch: int):
+        """The epoch's ((images, labels), plan) steps, while the run has steps left."""
+        self.loader.generator.manual_seed(rank_seed(self.config.seed, self.rank) + epoch)
         batches = iter(self.loader)
         while self.steps_left():
             try:
-                (images, labels), plan = next(batches)
+                yield next(batches)
             except StopIteration:
-                break
-            self.fault.before_step(self.rank, progress.global_step)
-            target_lr = scaled_lr(config.lr, plan.global_batch, config.batch_size, config.lr_scaling) \
-                * decision.lr_factor
-            lr = self.step_lr(progress, target_lr, plan.global_batch, total_samples)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            started = time.perf_counter()
-            slowdown = self.slowdown.factor(self.rank, progress.global_step)
-            result = self.train_step(images.to(self.device), labels.to(self.device), plan, slowdown)
-            step_s = time.perf_counter() - started
-            self.trained = plan
-            self.balancer.observe(result.compute_s, result.rank_batches)
-            result = dataclasses.replace(result, noise_points=self.fault.noise_points(
-                progress.global_step, result.noise_points, result.rank_batches))
-            estimate = None if result.noise_points is None else fit_step(result.noise_points, len(self.train_set))
-            if result.noise_points is not None:
-                self.noise_estimates.append(estimate)
-                self.noise_smoother.update(estimate)
-            if self.schedule.rule is not None:
-                batch = progress.batch = self.rule_step(batch, result, estimate, step_s)
-            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
-            line = self.balancer.cost_line(self.rank)
-            self.my_rows.append({
-                "epoch": epoch, "step": progress.global_step, "rank": self.rank, "world_size": self.world_size,
-                "rank_batch": result.rank_batches[self.rank], "global_batch": result.global_batch,
-                "slowdown": slowdown, "compute_s": result.compute_s[self.rank], "wait_s": result.wait_s,
-                "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]), "lr": lr,
-                "model_a_s": None if line is None else line.a_s, "model_c_s": None if line is None else line.c_s,
-                **self.gradient_columns(result)})
-            progress.epoch_loss_sum += sum(result.loss_sums)
-            progress.epoch_samples += result.global_batch
-            progress.samples_seen += result.global_batch
-            progress.scaled_samples += self.adascale_gain * config.batch_size if self.adascale \
-                else result.global_batch
-            progress.epoch_steps += 1
-            progress.global_step += 1
-            bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
-            bar.update()
-            remaining = self.remaining_after(plan)
-            last_step = not self.steps_left() or (not self.adascale and epoch + 1 == config.epochs and remaining == 0)
-            if self.rank == 0 and (last_step or self.progress_file.due()):
-                self.progress_file.report(
-                    epoch=epoch, step=progress.global_step, global_batch=result.global_batch, loss=result.loss,
-                    split=result.rank_batches, total_steps=self.expected_total_steps(epoch, remaining, batch))
-            if config.checkpoints and config.checkpoint_every and progress.global_step % config.checkpoint_every == 0 \
-                    and remaining > 0:
-                progress.epoch_elapsed_s += time.perf_counter() - segment_started
-                self.save_checkpoint()
-                segment_started = time.perf_counter()
-        bar.close()
-        progress.epoch_elapsed_s += time.perf_counter() - segment_started
-        # The next epoch's warm-up starts from this epoch's LR at its B, not from its (possibly short) last step's.
-        epoch_lr = scaled_lr(config.lr, batch, config.batch_size, config.lr_scaling) * decision.lr_factor
-        complete = not (self.remaining_after(self.trained) > 0 and not self.steps_left())
-        self.finish_epoch(batch, epoch_lr, complete=complete)
+                return
 
-    def expected_total_steps(self, epoch: int, remaining: int, batch: int) -> int:
+    def record_noise(self, result: StepResult) -> None:
+        """Keep this step's noise estimate for the epoch (None where it was not finite) and smooth it."""
+        if result.noise_points is None:
+            return
+        estimate = fit_step(result.noise_points, len(self.train_set))
+        self.noise_estimates.append(estimate)
+        self.noise_smoother.update(estimate)
+
+    def step_row(self, plan: StepPlan, result: StepResult, lr: float, slowdown: float) -> dict:
+        """This rank's steps.csv row of the step just trained."""
+        line = self.balancer.cost_line(self.rank)
+        return {"epoch": self.progress.epoch, "step": self.progress.global_step, "rank": self.rank,
+                "world_size": self.world_size, "rank_batch": result.rank_batches[self.rank],
+                "global_batch": plan.global_batch, "slowdown": slowdown, "compute_s": result.compute_s[self.rank],
+                "wait_s": result.wait_s, "loss": result.loss_sums[self.rank] / max(1, result.rank_batches[self.rank]),
+                "lr": lr, "model_a_s": None if line is None else line.a_s,
+                "model_c_s": None if line is None else line.c_s, **self.gradient_columns(result)}
+
+    def count(self, plan: StepPlan, result: StepResult, gain: float) -> None:
+        """Move the run's counters past the step just trained (AdaScale counts gain x B_0 samples of progress)."""
+        progress = self.progress
+        progress.epoch_loss_sum += sum(result.loss_sums)
+        progress.epoch_samples += plan.global_batch
+        progress.samples_seen += plan.global_batch
+        progress.scaled_samples += gain * self.config.lr_batch if self.adascale else plan.global_batch
+        progress.epoch_steps += 1
+        progress.global_step += 1
+
+    def report_progress(self, plan: StepPlan, result: StepResult, batch: int, gain: float) -> None:
+        """Rank 0: the launcher's progress file, at the run's last step and whenever it is due."""
+        remaining, epoch = self.remaining_after(plan), self.progress.epoch
+        last_step = not self.steps_left() or (not self.adascale and epoch + 1 == self.config.epochs and remaining == 0)
+        if self.rank == 0 and (last_step or self.progress_file.due()):
+            self.progress_file.report(
+                epoch=epoch, step=self.progress.global_step, global_batch=plan.global_batch, loss=result.loss,
+                split=result.rank_batches, total_steps=self.expected_total_steps(epoch, remaining, batch, gain))
+
+    def checkpoint_due(self, plan: StepPlan) -> bool:
+        """A periodic checkpoint (--checkpoint-every) inside the epoch; its end checkpoints anyway."""
+        config = self.config
+        return bool(config.checkpoints and config.checkpoint_every
+                    and self.progress.global_step % config.checkpoint_every == 0 and self.remaining_after(plan) > 0)
+
+    def expected_total_steps(self, epoch: int, remaining: int, batch: int, gain: float) -> int:
         """The run's steps as far as they can be told now (the progress bar's total)."""
         config, progress = self.config, self.progress
         if self.adascale:   # the budget left, at the samples the last step counted
-            per_step = self.adascale_gain * config.batch_size
             left = max(0.0, config.epochs * len(self.train_set) - progress.scaled_samples)
-            total = progress.global_step + math.ceil(left / per_step)
+            total = progress.global_step + math.ceil(left / (gain * config.lr_batch))
         else:
             total = progress.global_step + math.ceil(remaining / batch) \
                 + (config.epochs - epoch - 1) * math.ceil(len(self.train_set) / batch)
         return min(total, config.max_steps or total)
 
-    def step_lr(self, progress: Progress, target_lr: float, global_batch: int, total_samples: int) -> float:
-        """This step's learning rate: warm-up after an epoch boundary raised it, AdaScale's gain, decay."""
+    def target_lr(self, batch: int, lr_factor: float) -> float:
+        """The LR at global batch `batch` before warm-up, AdaScale's gain and decay: --lr scaled from
+        --lr-reference-batch by --lr-scaling, times the schedule's factor."""
         config = self.config
-        if config.lr_scaling == "adascale":  # decay follows the progress counted at B_0 (scale-invariant)
-            self.adascale_gain = decided_by_rank0(
-                lambda: [adascale_gain(self.noise_smoother.noise_scale, global_batch, config.batch_size)], 1,
-                device=self.device)[0]
-            return target_lr * self.adascale_gain * decay_factor(config.lr_decay, progress.scaled_samples,
-                                                                  total_samples)
-        return warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
-            * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
+        return scaled_lr(config.lr, batch, config.lr_batch, config.lr_scaling) * lr_factor
 
-    def rule_step(self, batch: int, result: StepResult, estimate, step_s: float) -> int:
+    def step_lr(self, batch: int, lr_factor: float) -> tuple[float, float]:
+        """(this step's learning rate, AdaScale's gain: 1 without it), set on the optimizer. Warm-up after an epoch
+        boundary raised the LR, AdaScale's gain, decay."""
+        config, progress = self.config, self.progress
+        target_lr, total_samples = self.target_lr(batch, lr_factor), config.epochs * len(self.train_set)
+        if self.adascale:  # decay follows the progress counted at B_0 (scale-invariant)
+            gain = decided_by_rank0(lambda: [adascale_gain(self.noise_smoother.noise_scale, batch, config.lr_batch)],
+                                    1, device=self.device)[0]
+            lr = target_lr * gain * decay_factor(config.lr_decay, progress.scaled_samples, total_samples)
+        else:
+            gain = 1.0
+            lr = warmup_lr(progress.previous_target_lr, target_lr, progress.epoch_steps, config.warmup_steps) \
+                * decay_factor(config.lr_decay, progress.samples_seen, total_samples)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr, gain
+
+    def rule_step(self, batch: int, result: StepResult, step_s: float) -> int:
         """Feed the schedule's step rule this step; when it is due, rank 0 decides the next B and how long it
         holds, and every rank receives it. step_s: this rank's whole step (compute, reduction, optimizer); what
         it took beyond the slowest rank's compute is a cost per step no split removes (none under emulation,
         whose cost is the whole step's)."""
         rule, progress = self.schedule.rule, self.progress
-        overhead_s = 0.0 if self.emulated_sample_s is not None else max(0.0, step_s - max(result.compute_s))
-        rule.observe(result.rank_batches, result.compute_s, estimate, overhead_s=overhead_s)
+        overhead_s = 0.0 if self.emulation is not None else max(0.0, step_s - max(result.compute_s))
+        rule.observe(result.rank_batches, result.compute_s, overhead_s=overhead_s)
         if progress.global_step < progress.next_decision:
             return batch
         batch, wait = decided_by_rank0(lambda: list(rule.decide(batch)), 2, device=self.device, integers=True)
@@ -307,16 +341,20 @@ class RankTrainer:
         return int(batch)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, plan: StepPlan, slowdown: float) -> StepResult:
-        options = dict(global_batch=plan.global_batch, rank=self.rank, slowdown=slowdown,
-                       emulated_sample_s=self.emulated_sample_s, emulated_step_s=self.emulated_step_s,
-                       emulated_sleep=not self.config.emulated_clock,
+        """The step on this rank's slice of `plan` (its noise points as a --fault nonfinite hook left them)."""
+        result = self._step(images, labels, plan, slowdown)
+        return dataclasses.replace(result, noise_points=self.fault.noise_points(
+            self.progress.global_step, result.noise_points, result.rank_batches))
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, plan: StepPlan, slowdown: float) -> StepResult:
+        options = dict(global_batch=plan.global_batch, rank=self.rank, slowdown=slowdown, emulation=self.emulation,
                        options=self.step_options, largest_slice=max(plan.rank_batches))
         if self.gradient_sync == "ddp":
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
         return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
 
     def gradient_columns(self, result: StepResult) -> dict:
-        """steps.csv's squared norms of this rank's mean gradient and of the step's (--noise-scale)."""
+        """steps.csv's squared norms of this rank's mean gradient and of the step's (--measure-noise)."""
         if result.noise_points is None:
             return {"rank_grad_sq": None, "global_grad_sq": None}
         global_sq = result.noise_points[-1][1]
@@ -341,7 +379,7 @@ class RankTrainer:
             return self.sampler.remaining
         return len(self.train_set) - plan.offset - plan.global_batch
 
-    def finish_epoch(self, global_batch: int, target_lr: float, *, complete: bool) -> None:
+    def finish_epoch(self, batch: int, target_lr: float, *, complete: bool) -> None:
         """Evaluate, gather and write the tables; a complete epoch also moves the run on and checkpoints."""
         config, progress = self.config, self.progress
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
@@ -360,25 +398,25 @@ class RankTrainer:
             self.step_rows.extend(sorted((row for rows in gathered for row in rows),
                                          key=lambda row: (row["step"], row["rank"])))
             self.epoch_rows.append({
-                "epoch": progress.epoch, "global_batch": global_batch, "steps": progress.epoch_steps,
+                "epoch": progress.epoch, "global_batch": batch, "steps": progress.epoch_steps,
                 "samples": progress.epoch_samples, "train_loss": train_loss, "test_loss": test_loss,
                 "test_acc": test_acc, "world_size": self.world_size, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
                 "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan"),
                 **noise})
-            scored = [*self.history, EpochSummary(progress.epoch, global_batch, train_loss, epoch_s)] if complete \
+            scored = [*self.history, EpochSummary(progress.epoch, batch, train_loss, epoch_s)] if complete \
                 else self.history
             for row, score in zip(self.epoch_rows, self.schedule.epoch_scores(scored)):
                 row["schedule_score"] = score
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
-            log(f"{self.epoch_label(progress.epoch)}: B={global_batch} steps={progress.epoch_steps} "
+            log(f"{self.epoch_label(progress.epoch)}: B={batch} steps={progress.epoch_steps} "
                 f"train_loss={train_loss:.4f} test_loss={test_loss:.4f} test_acc={test_acc:.4f} "
                 f"{progress.epoch_samples / max(epoch_s, 1e-9):.0f} samples/s"
                 + (f" B_simple={noise['noise_scale']:.1f} ({noise['noise_missing']} of {progress.epoch_steps} steps "
                    f"with |G|^2 <= 0)" if self.step_options.measure_noise else ""))
         if not complete:  # stopped by --max-steps inside the epoch; the last periodic checkpoint stays the latest
             return
-        self.history.append(EpochSummary(progress.epoch, global_batch, train_loss, epoch_s))
+        self.history.append(EpochSummary(progress.epoch, batch, train_loss, epoch_s))
         self.my_rows, self.noise_estimates = [], []
         self.progress = Progress(epoch=progress.epoch + 1, global_step=progress.global_step,
                                  samples_seen=progress.samples_seen, training_s=progress.training_s + epoch_s,
@@ -428,7 +466,7 @@ class RankTrainer:
         new ones).
         """
         state, same_size = found.state, found.state["world_size"] == self.world_size
-        check_same_computation(RunConfig.from_dict(state["config"]), self.config, where=f"checkpoint {found.folder}")
+        check_same_computation(RunConfig.from_dict(with_current_names(state["config"])), self.config, where=f"checkpoint {found.folder}")
         self.module.load_state_dict(state["model"])
         parts = state["ranks"]
         mine = parts[self.rank] if same_size else None

@@ -1,6 +1,5 @@
-"""Checking a RunConfig before anything is spawned: one ValueError line saying what is wrong and what is allowed;
-what a resumed run may change; the options a config gives its schedule and balancer (from their classes' own
-`options`).
+"""Checking a RunConfig before anything is spawned: one ValueError line saying what is wrong and what is allowed,
+and what a resumed run may change.
 
     data_source = validate_config(config)     # run() and the CLI both call it
 """
@@ -11,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .balancers import BALANCERS, build_balancer
-from .config import RunConfig, stored_config
+from .config import BatchBounds, RunConfig, balancer_options, flag, schedule_options, stored_config
 from .data import DATASET_NAMES, describe_data_source
 from .distributed import GRADIENT_SYNCS, check_device, launched_by_torchrun, resolve_device, torchrun_identity
 from .hetero import SlowdownPlan
@@ -51,25 +50,6 @@ def _check_writable(out: str | None) -> None:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULE_OPTIONS = tuple(dict.fromkeys(name for cls in SCHEDULES.values() for name in cls.options))
-BALANCER_OPTIONS = tuple(dict.fromkeys(name for cls in BALANCERS.values() for name in cls.options))
-
-
-def schedule_options(config: RunConfig) -> dict:
-    """The schedule's options. --max-rank-batch bounds the global batch too: B never exceeds world_size x
-    max_rank_batch (an implied --max-batch), so a schedule that grows B cannot outgrow what the ranks may hold."""
-    max_batch = config.max_batch
-    if config.max_rank_batch is not None:
-        cap = config.world_size * config.max_rank_batch
-        max_batch = cap if max_batch is None else min(max_batch, cap)
-    return {"initial_batch": config.batch_size,
-            "min_batch": config.min_batch if config.min_batch is not None else config.world_size,
-            "max_batch": max_batch, **{name: getattr(config, name) for name in SCHEDULE_OPTIONS}}
-
-
-def balancer_options(config: RunConfig) -> dict:
-    return {"min_rank_batch": 1, "max_rank_batch": config.max_rank_batch,
-            **{name: getattr(config, name) for name in BALANCER_OPTIONS}}
 
 
 # Fields a resumed run may change: they do not alter the computation of the steps already taken (a CPU checkpoint
@@ -106,7 +86,7 @@ def check_same_computation(stored: RunConfig, config: RunConfig, *, where: str) 
             continue
         before, now = getattr(stored, option.name), getattr(config, option.name)
         if _as_tuple(before) != _as_tuple(now):  # config.json stores (16, 32) as [16, 32]; the API may pass either
-            raise ValueError(f"{where}: --{option.name.replace('_', '-')} was {before!r} in that "
+            raise ValueError(f"{where}: {flag(option.name)} was {before!r} in that "
                              f"run, now {now!r}; a resumed run may only change "
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'overwrite'}))}")
 
@@ -120,6 +100,23 @@ def validate_config(config: RunConfig, *, local_world_size: int | None = None) -
     """
     if local_world_size is None:
         local_world_size = torchrun_identity()[3] if launched_by_torchrun() else config.world_size
+    _check_choices(config)
+    _check_step(config, local_world_size)
+    _check_run_length(config)
+    _check_optimizer(config)
+    _check_emulation(config)
+    _check_batch_policies(config)
+    check_device(config.device, local_world_size, sync_bn=config.sync_bn)
+    data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
+                                       test_samples=config.test_samples, download=config.download)
+    if config.resume is not None:
+        check_resume(config)
+    else:
+        _check_writable(config.out)
+    return data_source
+
+
+def _check_choices(config: RunConfig) -> None:
     _check_choice("dataset", config.dataset, DATASET_NAMES)
     _check_choice("model", config.model, MODEL_NAMES)
     _check_choice("norm", config.norm, NORM_CHOICES)
@@ -131,76 +128,88 @@ def validate_config(config: RunConfig, *, local_world_size: int | None = None) -
     _check_choice("device", config.device, DEVICES)
     _check_choice("gradient sync", config.gradient_sync, GRADIENT_SYNCS)
     _check_choice("precision", config.precision, PRECISIONS)
+
+
+def _check_step(config: RunConfig, local_world_size: int) -> None:
+    """What one step runs on: ranks, threads, loader workers, micro-batches, precision, normalisation."""
+    if config.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {config.threads}")
+    if config.loader_workers < 0:
+        raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
     if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
         raise ValueError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
     if config.max_micro_batch is not None and config.max_micro_batch < 1:
         raise ValueError(f"--max-micro-batch must be >= 1, got {config.max_micro_batch}")
     if config.precision == "fp16" and resolve_device(config.device, local_world_size) != "cuda":
         raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
-    if config.loader_workers < 0:
-        raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
-    if config.world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
-    if config.batch_size < config.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} is smaller than --world-size {config.world_size}: "
-                         "every rank needs at least one sample per step")
+    if config.sync_bn and config.norm != "batch":
+        raise ValueError("--sync-bn needs --norm batch")
+    if not config.timeout_s > 0:
+        raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
+
+
+def _check_run_length(config: RunConfig) -> None:
+    """Epochs, steps, samples, seeds, checkpoints."""
     if config.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {config.seed}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
-    if config.threads is not None and config.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {config.threads}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
     if config.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    if config.eval_bn_samples < 0:
+        raise ValueError(f"--eval-bn-samples must be >= 0, got {config.eval_bn_samples}")
+    for option, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if config.train_samples is not None and config.train_samples < config.world_size:
+        raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
+
+
+def _check_optimizer(config: RunConfig) -> None:
+    if not config.lr >= 0:
+        raise ValueError(f"--lr must be >= 0, got {config.lr}")
+    if config.lr_reference_batch is not None and config.lr_reference_batch < 1:
+        raise ValueError(f"--lr-reference-batch must be >= 1, got {config.lr_reference_batch}")
+    if not 0 <= config.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.schedule == "smith" and config.lr_scaling != "none":
+        raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
+
+
+def _check_emulation(config: RunConfig) -> None:
+    """Emulated compute and emulated slow ranks."""
     if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:
         raise ValueError(f"--emulated-sample-ms must be > 0, got {config.emulated_sample_ms}")
     if config.emulated_step_ms is not None and (config.emulated_sample_ms is None or not config.emulated_step_ms >= 0):
         raise ValueError(f"--emulated-step-ms must be >= 0 and needs --emulated-sample-ms, got "
                          f"{config.emulated_step_ms} with --emulated-sample-ms {config.emulated_sample_ms}")
-    if config.eval_bn_samples < 0:
-        raise ValueError(f"--eval-bn-samples must be >= 0, got {config.eval_bn_samples}")
-    if config.emulated_clock and config.emulated_sample_ms is None:
-        raise ValueError("--emulated-clock needs --emulated-sample-ms (the cost it reports)")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
-    for flag, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if config.train_samples is not None and config.train_samples < config.world_size:
-        raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
-    if not config.lr >= 0:
-        raise ValueError(f"--lr must be >= 0, got {config.lr}")
-    if not 0 <= config.momentum < 1:
-        raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
-    if not config.weight_decay >= 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if not config.timeout_s > 0:
-        raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
-    _check_rank_list("--rank-weights", config.rank_weights, config.world_size, 1e-12, "> 0")
+    if config.skip_emulated_sleep and config.emulated_sample_ms is None:
+        raise ValueError("--skip-emulated-sleep needs --emulated-sample-ms (the cost it reports)")
     _check_rank_list("--slowdown", config.slowdown, config.world_size, 1.0, ">= 1 (1 = full speed, 3 = 3x slower)")
     SlowdownPlan.from_options(config.world_size, slowdown=config.slowdown, trace=config.slowdown_trace)
+
+
+def _check_batch_policies(config: RunConfig) -> None:
+    """The global batch's bounds, then the schedule's and balancer's own range checks (their constructors')."""
+    bounds = BatchBounds.of(config)
+    if config.initial_batch < config.world_size:
+        raise ValueError(f"--batch-size {config.initial_batch} is smaller than --world-size {config.world_size}: "
+                         "every rank needs at least one sample per step")
+    if bounds.min_batch < config.world_size:
+        raise ValueError(f"--min-batch {bounds.min_batch} is smaller than --world-size {config.world_size}")
+    if config.max_batch is not None and config.max_batch < max(bounds.min_batch, config.initial_batch):
+        raise ValueError(f"--max-batch {config.max_batch} is smaller than --batch-size/--min-batch")
+    if config.max_rank_batch is not None and bounds.max_batch < max(config.initial_batch, bounds.min_batch):
+        raise ValueError(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks cannot hold "
+                         f"--batch-size {config.initial_batch} / --min-batch {bounds.min_batch}")
+    _check_rank_list("--rank-weights", config.rank_weights, config.world_size, 1e-12, "> 0")
     if config.rank_weights is not None and config.balancer_name != "weights":
         raise ValueError(f"--rank-weights applies to the weights balancer, not {config.balancer_name!r}")
-    min_batch = config.min_batch if config.min_batch is not None else config.world_size
-    if min_batch < config.world_size:
-        raise ValueError(f"--min-batch {min_batch} is smaller than --world-size {config.world_size}")
-    if config.max_batch is not None and config.max_batch < max(min_batch, config.batch_size):
-        raise ValueError(f"--max-batch {config.max_batch} is smaller than --batch-size/--min-batch")
-    if config.max_rank_batch is not None and config.max_rank_batch * config.world_size < max(config.batch_size,
-                                                                                             min_batch):
-        raise ValueError(f"--max-rank-batch {config.max_rank_batch} x {config.world_size} ranks cannot hold "
-                         f"--batch-size {config.batch_size} / --min-batch {min_batch}")
-    if config.sync_bn and config.norm != "batch":
-        raise ValueError("--sync-bn needs --norm batch")
-    if config.schedule == "smith" and config.lr_scaling != "none":
-        raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
-    build_schedule(config.schedule, **schedule_options(config))       # their own range checks, one line each
+    build_schedule(config.schedule, **schedule_options(config))
     build_balancer(config.balancer_name, config.world_size, **balancer_options(config))
-    check_device(config.device, local_world_size, sync_bn=config.sync_bn)
-    data_source = describe_data_source(config.dataset, data_dir=config.data_dir, train_samples=config.train_samples,
-                                       test_samples=config.test_samples, download=config.download)
-    if config.resume is not None:
-        check_resume(config)
-    else:
-        _check_writable(config.out)
-    return data_source

@@ -25,11 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from dynbatch_core import DynamicBatchSampler, build_balancer, decided_by_rank0, uneven_batch_loss
-from dynbatch_core.ddp_step import exchange_measurements, wrap_ddp
-from dynbatch_core.distributed import exit_without_teardown
-from dynbatch_core.loader import planned_loader, prefetch_depth
-from dynbatch_core.sampler import epoch_order
+from dynbatch_core import (DynamicBatchSampler, build_balancer, decided_by_rank0, epoch_order, exchange_measurements,
+                           exit_without_teardown, planned_loader, prefetch_depth, uneven_batch_loss, wrap_ddp)
 
 
 class Blobs(Dataset):

@@ -25,7 +25,7 @@ def test_time_based_schedules_decide_the_same_batch_on_every_rank(tmp_path, monk
     monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
     monkeypatch.setenv("DYNBATCH_FAULT", STALL)
     result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=3, train_samples=256,
-                           test_samples=64, batch_size=32, progress=False, timeout_s=20, out=str(tmp_path / name),
+                           test_samples=64, initial_batch=32, progress=False, timeout_s=20, out=str(tmp_path / name),
                            **options))
     steps = result.steps
     per_step = steps.groupby("step").global_batch.nunique()
@@ -46,7 +46,7 @@ def test_time_based_schedules_decide_the_same_batch_on_every_rank(tmp_path, monk
 
 def test_max_rank_batch_caps_a_growing_schedule_instead_of_failing_mid_run(tmp_path):
     result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=3, train_samples=128,
-                           test_samples=32, batch_size=32, schedule="increasing", max_rank_batch=20, progress=False,
+                           test_samples=32, initial_batch=32, schedule="increasing", max_rank_batch=20, progress=False,
                            out=str(tmp_path / "capped")))
     assert result.epochs.global_batch.tolist() == [32, 40, 40]
     assert result.steps.rank_batch.max() == 20

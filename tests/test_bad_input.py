@@ -30,7 +30,7 @@ BAD_INPUTS = {
     "min batch beyond the rank bound": (["--world-size", "2", "--batch-size", "8", "--max-rank-batch", "4",
                                          "--min-batch", "16"], "cannot hold --batch-size 8 / --min-batch 16"),
     "model window too short": (["--balancer", "model", "--model-window", "2"], "model_window=2 must be >= 3"),
-    "emulated clock without a cost": (["--emulated-clock"], "--emulated-clock needs --emulated-sample-ms"),
+    "emulated clock without a cost": (["--skip-emulated-sleep"], "--skip-emulated-sleep needs --emulated-sample-ms"),
     "negative precise-BN samples": (["--eval-bn-samples", "-1"], "--eval-bn-samples must be >= 0, got -1"),
 }
 
@@ -68,7 +68,7 @@ def test_run_raises_value_error_with_the_same_message(no_spawn):
 def test_no_spawn_fixture_catches_the_spawn_of_a_valid_run(no_spawn, tmp_path):
     """Guard against a vacuous fixture: a valid run gets past validation and is stopped where it starts ranks."""
     config = RunConfig(dataset="synthetic", model="resnet8", world_size=1, epochs=1, train_samples=64,
-                       test_samples=32, batch_size=32, progress=False, out=str(tmp_path / "r"))
+                       test_samples=32, initial_batch=32, progress=False, out=str(tmp_path / "r"))
     with pytest.raises(AssertionError, match="a process was spawned"):
         run(config)
 

@@ -141,7 +141,7 @@ def test_a_restored_model_balancer_decides_exactly_like_the_original():
 def test_a_training_run_fits_the_emulated_costs_exactly_and_trains_the_optimal_split(tmp_path):
     from dynbatch_core import RunConfig, run
     result = run(RunConfig(dataset="synthetic", model="resnet8", world_size=2, epochs=1, train_samples=384,
-                           test_samples=32, batch_size=64, balancer="model", slowdown=(1.0, 3.0),
+                           test_samples=32, initial_batch=64, balancer="model", slowdown=(1.0, 3.0),
                            emulated_sample_ms=2.0, emulated_step_ms=10.0, progress=False, out=str(tmp_path / "m")))
     assert result.steps.groupby("rank").slowdown.unique().map(list).tolist() == [[1.0], [3.0]]   # steps.csv says k
     last = result.steps[result.steps["step"] == 5].sort_values("rank")

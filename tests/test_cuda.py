@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def train(tmp_path, name, **overrides):
     values = dict(dataset="synthetic", model="resnet8", norm="none", world_size=1, epochs=1, train_samples=256,
-                  test_samples=256, batch_size=16, lr=0.1, momentum=0.9, progress=False, out=str(tmp_path / name))
+                  test_samples=256, initial_batch=16, lr=0.1, momentum=0.9, progress=False, out=str(tmp_path / name))
     result = run(RunConfig(**{**values, **overrides}))
     return result, torch.load(result.run_dir / "model.pt", weights_only=True, map_location="cpu")
 
@@ -46,7 +46,7 @@ def test_a_three_times_slower_gpu_rank_measures_three_times_its_compute(tmp_path
 
 def test_sync_batch_norm_in_fp16_learns_on_a_gpu(tmp_path):
     result, _ = train(tmp_path, "syncbn", device="cuda", norm="batch", sync_bn=True, precision="fp16",
-                      epochs=3, train_samples=2048, batch_size=64, lr=0.05)
+                      epochs=3, train_samples=2048, initial_batch=64, lr=0.05)
     accuracy = result.epochs.test_acc.iloc[-1]
     print(f"SyncBatchNorm + fp16 test accuracy: {accuracy:.3f}")
     assert accuracy > 0.5   # chance is 0.1

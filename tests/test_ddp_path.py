@@ -54,7 +54,7 @@ def test_a_split_planned_too_late_for_the_loader_is_an_error_not_another_split()
 
 def train(tmp_path, name, **overrides):
     values = dict(dataset="synthetic", model="resnet8", norm="none", epochs=1, train_samples=520, test_samples=32,
-                  batch_size=16, lr=0.1, momentum=0.9, progress=False, out=str(tmp_path / name))
+                  initial_batch=16, lr=0.1, momentum=0.9, progress=False, out=str(tmp_path / name))
     result = run(RunConfig(**{**values, **overrides}))
     return result, torch.load(result.run_dir / "model.pt", weights_only=True)
 
@@ -80,7 +80,7 @@ def test_two_ranks_with_a_changing_split_match_one_process(tmp_path, one_process
 
 @pytest.mark.slow
 def test_under_ddp_a_rank_three_times_slower_measures_three_times_the_compute_without_waiting(tmp_path):
-    result, _ = train(tmp_path, "timing", world_size=2, train_samples=320, batch_size=32, slowdown=(1.0, 3.0),
+    result, _ = train(tmp_path, "timing", world_size=2, train_samples=320, initial_batch=32, slowdown=(1.0, 3.0),
                       gradient_sync="ddp")
     steps = result.steps[result.steps.step >= 2].pivot(index="step", columns="rank")
     ratio = (steps["compute_s"][1] / steps["compute_s"][0]).median()
@@ -91,7 +91,7 @@ def test_under_ddp_a_rank_three_times_slower_measures_three_times_the_compute_wi
 
 @pytest.mark.slow
 def test_resume_with_loader_workers_on_ddp_is_bit_exact(tmp_path, monkeypatch):
-    options = dict(world_size=2, epochs=2, train_samples=256, batch_size=32, balancer="pid", balance_every=1,
+    options = dict(world_size=2, epochs=2, train_samples=256, initial_batch=32, balancer="pid", balance_every=1,
                    slowdown=(1.0, 3.0), emulated_sample_ms=0.3, gradient_sync="ddp", loader_workers=2,
                    checkpoint_every=3)
     reference, expected = train(tmp_path, "uninterrupted", **options)
@@ -133,7 +133,7 @@ FEATURES = {  # option -> (overrides, tolerance against one process with the sam
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_training_loop_features_keep_the_uneven_split_equal_to_one_process(tmp_path, feature):
     overrides, tolerance = FEATURES[feature]
-    small = dict(train_samples=80, batch_size=16)
+    small = dict(train_samples=80, initial_batch=16)
     _, plain = train(tmp_path, "plain", world_size=1, **small)
     _, expected = train(tmp_path, "one", world_size=1, **small, **{k: v for k, v in overrides.items()
                                                                   if k != "max_micro_batch"})

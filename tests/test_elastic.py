@@ -12,7 +12,7 @@ SAMPLES = 512
 def config(tmp_path, name, **overrides):
     # 512 samples at B = 32 for 3 epochs: 48 steps; SGD with momentum; no batch norm, so the split cannot matter
     values = dict(dataset="synthetic", model="resnet8", norm="none", world_size=2, epochs=3, train_samples=SAMPLES,
-                  test_samples=64, batch_size=32, lr=0.05, checkpoint_every=5, progress=False, out=str(tmp_path / name))
+                  test_samples=64, initial_batch=32, lr=0.05, checkpoint_every=5, progress=False, out=str(tmp_path / name))
     return RunConfig(**{**values, **overrides})
 
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 def train_model(tmp_path, name, **overrides):
     defaults = dict(dataset="synthetic", train_samples=256, test_samples=64, model="resnet8", norm="none", epochs=1,
-                    max_steps=3, batch_size=16, lr=0.1, momentum=0.9, out=str(tmp_path / name), progress=False)
+                    max_steps=3, initial_batch=16, lr=0.1, momentum=0.9, out=str(tmp_path / name), progress=False)
     config = RunConfig(**(defaults | overrides))
     result = run(config)
     return result, torch.load(result.run_dir / "model.pt", weights_only=True)
@@ -49,7 +49,7 @@ def test_plain_per_rank_mean_would_not_match(tmp_path):
 
 # --- the other exactness claims: every case has a short last step (40 = 16 + 16 + 8 samples, max_steps=3) ------------
 
-SHORT_EPOCH = dict(train_samples=40, test_samples=16, batch_size=16, max_steps=3)
+SHORT_EPOCH = dict(train_samples=40, test_samples=16, initial_batch=16, max_steps=3)
 SGD_WITH_DECAY = dict(weight_decay=0.05)  # with momentum 0.9 (train_model's default)
 # name: (options of both runs, the split run's world size and rank weights, its batch per rank and step)
 EXACT_CASES = {

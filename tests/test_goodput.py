@@ -5,10 +5,16 @@ import random
 import pytest
 
 from dynbatch_core.goodput import EXPLORE_STEPS, GoodputRule
-from dynbatch_core.noise_scale import NoiseEstimate
+from dynbatch_core.noise_scale import NoiseEstimate, NoiseScaleSmoother
 
 
 NOISE = NoiseEstimate(gradient_sq=1.0, trace=256.0)   # B_simple = 256
+
+
+def observe(rule, split, compute_s, estimate, overhead_s=0.0):
+    """One step as the training loop feeds it: the estimate to the smoother it owns, the times to the rule."""
+    rule.smoother.update(estimate)
+    rule.observe(split, compute_s, overhead_s=overhead_s)
 
 
 def drive(rule, observe, steps=400, start=32):
@@ -26,7 +32,7 @@ def drive(rule, observe, steps=400, start=32):
 def simulate(rule, step_s, steps=400, start=32, noise=0.0, seed=0):
     """One rank whose step takes step_s(B), times (1 ± noise)."""
     rng = random.Random(seed)
-    return drive(rule, lambda b: rule.observe([b], [step_s(b) * (1 + rng.uniform(-noise, noise))], NOISE), steps,
+    return drive(rule, lambda b: observe(rule, [b], [step_s(b) * (1 + rng.uniform(-noise, noise))], NOISE), steps,
                  start)
 
 
@@ -47,7 +53,7 @@ def test_with_a_fixed_cost_per_step_it_climbs_to_the_best_batch_and_stays():
 def test_it_explores_the_most_promising_unmeasured_batch_first():
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     for _ in range(20):
-        rule.observe([32], [gpu_like(32)], NOISE)
+        observe(rule, [32], [gpu_like(32)], NOISE)
     # optimistic bounds relative to 32's goodput: 16 at most 1.06x (same time per sample), 64 at most
     # 2 x 288 / 320 = 1.8x (same time per step)
     assert rule.decide(32) == (64, EXPLORE_STEPS)
@@ -78,7 +84,7 @@ def test_with_a_slow_rank_it_prices_each_batch_at_the_balanced_split_not_the_spl
 
     def equal_split(batch):
         split = [batch // 2, batch - batch // 2]
-        rule.observe(split, [line.time_s(b) for line, b in zip(lines, split)], NOISE)
+        observe(rule, split, [line.time_s(b) for line, b in zip(lines, split)], NOISE)
     batch = drive(rule, equal_split, steps=300)[-1]
     balanced = predicted_step_s(min_max_split(256, lines), lines)
     assert rule.step_time_s(256) == pytest.approx(balanced, rel=1e-6)
@@ -93,14 +99,14 @@ def test_a_cost_per_step_beyond_compute_counts_like_a_fixed_cost():
     """Compute costs the same per sample at any B (alone: B halves to 16, see above), but each step also spends
     100 ms in the reduction and the optimizer: B must grow instead."""
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
-    batch = drive(rule, lambda b: rule.observe([b], [0.001 * b], NOISE, overhead_s=0.1), steps=300)[-1]
+    batch = drive(rule, lambda b: observe(rule, [b], [0.001 * b], NOISE, overhead_s=0.1), steps=300)[-1]
     assert batch >= 128 and rule.step_time_s(64) == pytest.approx(0.1 + 0.064)
 
 
 def test_no_decision_before_the_noise_scale_is_known():
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     assert rule.decide(32) == (32, 20)
-    rule.observe([32], [0.1], NoiseEstimate(gradient_sq=-1.0, trace=-5.0))   # neither estimate positive: unknown
+    observe(rule, [32], [0.1], NoiseEstimate(gradient_sq=-1.0, trace=-5.0))   # neither estimate positive: unknown
     assert rule.decide(32) == (32, 20)
 
 
@@ -109,16 +115,19 @@ def test_pure_noise_prices_every_batch_with_efficiency_one_and_lets_b_grow():
     any B, so goodput is throughput alone (it used to freeze B there, as if nothing were known)."""
     rule = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     for _ in range(3):
-        rule.observe([32], [0.01 + 0.001 * 32], NoiseEstimate(gradient_sq=-1e-4, trace=5.0))
+        observe(rule, [32], [0.01 + 0.001 * 32], NoiseEstimate(gradient_sq=-1e-4, trace=5.0))
     assert rule.noise_scale == math.inf
     assert [rule.efficiency(b) for b in (16, 32, 64, 1024)] == [1.0, 1.0, 1.0, 1.0]
     assert rule.decide(32) == (64, EXPLORE_STEPS)   # the larger B amortises the fixed cost: tried
 
 
 def test_a_restored_rule_decides_like_the_original():
+    """The rule's state and its owner's smoother (checkpointed apart, as the trainer does) restore its decisions."""
     original = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
     simulate(original, gpu_like, steps=70)
-    restored = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20)
+    smoother = NoiseScaleSmoother()
+    smoother.load_state_dict(original.smoother.state_dict())
+    restored = GoodputRule(initial_batch=32, min_batch=8, max_batch=1024, decide_every=20, smoother=smoother)
     restored.load_state_dict(original.state_dict())
     assert [restored.decide(64) for _ in range(3)] == [original.decide(64) for _ in range(3)]
 
@@ -137,8 +146,8 @@ def test_a_goodput_run_grows_its_batch_where_a_fixed_step_cost_dominates_and_mea
     """Emulated GPU-like costs (40 ms a step + 0.1 ms a sample): B = 16 wastes most of each step on the fixed cost."""
     from dynbatch_core import RunConfig, run
     result = run(RunConfig(dataset="synthetic", model="resnet8", norm="none", world_size=2, train_samples=1024,
-                           test_samples=64, batch_size=16, epochs=2, schedule="goodput", decide_every=8,
-                           emulated_step_ms=40.0, emulated_sample_ms=0.1, emulated_clock=True, lr_scaling="adascale",
+                           test_samples=64, initial_batch=16, epochs=2, schedule="goodput", decide_every=8,
+                           emulated_step_ms=40.0, emulated_sample_ms=0.1, skip_emulated_sleep=True, lr_scaling="adascale",
                            progress=False,
                            out=str(tmp_path / "goodput")))
     batches = result.steps.query("rank == 0").global_batch
@@ -155,8 +164,8 @@ def test_a_goodput_run_resumed_mid_epoch_takes_the_same_batches(tmp_path, monkey
     checkpointed, so a run killed after a change inside an epoch goes on with the same global batches."""
     from dynbatch_core import RunConfig, RunFailed, run
     options = dict(dataset="synthetic", model="resnet8", norm="none", world_size=2, train_samples=1024,
-                   test_samples=64, batch_size=16, epochs=2, schedule="goodput", decide_every=8,
-                   emulated_step_ms=40.0, emulated_sample_ms=0.1, emulated_clock=True, checkpoint_every=5,
+                   test_samples=64, initial_batch=16, epochs=2, schedule="goodput", decide_every=8,
+                   emulated_step_ms=40.0, emulated_sample_ms=0.1, skip_emulated_sleep=True, checkpoint_every=5,
                    progress=False)
     reference = run(RunConfig(**options, out=str(tmp_path / "reference"))).steps
     monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch.distributed as dist
 
 from conftest import rank_processes
 from dynbatch_core import RunConfig, run
+from dynbatch_core.distributed import LoopbackStore
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def wait_for_training(run_dir: Path, timeout_s: float = 120) -> None:
 
 def long_config(tmp_path, name, **overrides):
     values = dict(dataset="synthetic", model="resnet8", world_size=2, epochs=200, train_samples=512, test_samples=64,
-                  batch_size=32, progress=False, out=str(tmp_path / name))
+                  initial_batch=32, progress=False, out=str(tmp_path / name))
     return RunConfig(**{**values, **overrides})
 
 
@@ -71,8 +73,7 @@ def test_every_listener_of_a_two_rank_cli_run_is_on_loopback(tmp_path):
 
 def test_a_spawned_rank_pins_gloo_and_nccl_to_the_loopback_interface(monkeypatch):
     """Whatever the hostname resolves to (here it resolves to 127.0.0.1, so the listener test alone cannot tell)."""
-    import torch.distributed as dist
-    from dynbatch_core.distributed import LoopbackStore, init_process_group
+    from dynbatch_core.distributed import init_process_group
     for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         monkeypatch.setenv(variable, "unset")  # so that monkeypatch restores the environment afterwards
         monkeypatch.delenv(variable)
@@ -101,14 +102,21 @@ def test_the_listener_check_catches_a_store_on_every_interface(tmp_path, monkeyp
     assert [(pid, address) for pid, address, _ in wildcard] == [(os.getpid(), "0.0.0.0")]
 
 
-def test_a_port_taken_by_another_process_cannot_break_the_rendezvous(tmp_path, monkeypatch):
-    """Before: the launcher chose a free port, closed its probe, and rank 0 bound it later; a process that took the
-    port in between broke the run. Now the launcher binds port 0 itself and never chooses."""
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken = squatter.getsockname()[1]
-        monkeypatch.setattr("dynbatch_core.distributed.free_port", lambda: taken, raising=False)
-        monkeypatch.setattr("dynbatch_core.launch.free_port", lambda: taken, raising=False)
-        result = run(long_config(tmp_path, "raced", epochs=1, max_steps=2, timeout_s=30))
-    assert result.steps.step.tolist() == [0, 0, 1, 1]
+def test_the_store_gets_a_socket_already_listening_so_no_other_process_can_take_its_port(monkeypatch):
+    """Choosing a free port, closing the probe and letting the store bind it later leaves a gap in which another
+    process can take the port (that broke runs). The launcher binds port 0 itself: the store must be handed that
+    descriptor, already bound to 127.0.0.1 and listening on the port it is told."""
+    seen, real_store = {}, dist.TCPStore
+
+    def recording_store(host, port, *args, **kwargs):
+        descriptor = kwargs.get("master_listen_fd")
+        if descriptor is not None:
+            with socket.socket(fileno=os.dup(descriptor)) as probe:
+                seen["listening"] = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                seen["bound"] = probe.getsockname()
+        seen["told"] = (host, port)
+        return real_store(host, port, *args, **kwargs)
+    monkeypatch.setattr(dist, "TCPStore", recording_store)
+    store = LoopbackStore(timeout_s=5)
+    assert seen.get("listening") == 1, seen
+    assert seen["bound"] == seen["told"] == ("127.0.0.1", store.port)

@@ -100,18 +100,19 @@ def healthy_points():   # |G|^2 = 1, S = 100: E|g_b|^2 = 1 + 100/b on a [16, 48]
 def test_one_overflowed_step_is_missing_and_never_poisons_the_smoothed_or_epoch_noise_scale():
     """A float16 step whose loss scale overflowed reports inf norms (GradScaler then skips it). It gives no estimate,
     counts as missing, and the averages stay those of the healthy steps (one inf used to leave them NaN for good)."""
-    smoother, rule = NoiseScaleSmoother(), GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=1)
+    smoother = NoiseScaleSmoother()
+    rule = GoodputRule(initial_batch=64, min_batch=2, max_batch=1024, decide_every=1, smoother=smoother)
     overflowed = step_points([math.inf, math.inf], [16, 48], 64, math.inf)
     estimates = []
     for points in [healthy_points()] * 100 + [overflowed] + [healthy_points()] * 1000:
         estimate = fit_step(points, 60000)
         smoother.update(estimate)
-        rule.observe([16, 48], [0.1, 0.1], estimate)
+        rule.observe([16, 48], [0.1, 0.1])
         estimates.append(estimate)
     healthy = fit_step(healthy_points(), 60000).noise_scale   # 99.8: B_simple 100 seen through x(b) at N = 60000
     assert estimates[100] is None
     assert smoother.noise_scale == pytest.approx(healthy, rel=1e-9)
-    assert rule.noise_scale == pytest.approx(smoother.noise_scale)
+    assert rule.noise_scale == smoother.noise_scale   # the rule reads the smoother it was given
     epoch_scale, missing = epoch_noise_scale(estimates)
     assert missing == 1 and epoch_scale == pytest.approx(smoother.noise_scale)
     assert adascale_gain(smoother.noise_scale, 128, 64) == pytest.approx((healthy / 64 + 1) / (healthy / 128 + 1))
@@ -135,8 +136,8 @@ def test_adascale_gain_at_pure_noise_is_the_linear_limit_b_over_b0_not_one(gradi
 # --- (b) a ResNet at a saved checkpoint: the estimator against its per-sample gradients, the engine against both --
 # MNIST at initialisation has B_simple ~ 270; a global batch of 256 (of 512 samples) keeps the global point's noise
 # S x(256) below |G|^2, so 40 steps pin |G|^2 down (a 64-sample batch would need thousands).
-RESNET = dict(dataset="mnist", model="resnet8", norm="none", train_samples=512, test_samples=32, batch_size=256,
-              lr=0.0, noise_scale=True, progress=False, checkpoints=False)
+RESNET = dict(dataset="mnist", model="resnet8", norm="none", train_samples=512, test_samples=32, initial_batch=256,
+              lr=0.0, measure_noise=True, progress=False, checkpoints=False)
 RESNET_SPLITS = [(1, None), (2, None), (2, (1.0, 3.0)), (4, None), (4, (1.0, 2.0, 3.0, 4.0))]
 
 
@@ -157,7 +158,7 @@ def resnet_gram(tmp_path_factory):
     if not (SHARED_DATA / "mnist.npz").exists():
         pytest.skip(f"offline data not found at {SHARED_DATA} (set DYNBATCH_TEST_DATA)")
     folder = tmp_path_factory.mktemp("truth")
-    saved = run(RunConfig(**{**RESNET, "noise_scale": False}, epochs=1, data_dir=str(SHARED_DATA), world_size=1,
+    saved = run(RunConfig(**{**RESNET, "measure_noise": False}, epochs=1, data_dir=str(SHARED_DATA), world_size=1,
                           out=str(folder / "weights")))
     train, _, _ = load_datasets("mnist", data_dir=SHARED_DATA, train_samples=512, test_samples=32, seed=0)
     model = build_model("resnet8", in_channels=train.spec.in_channels, num_classes=train.spec.num_classes, norm="none")
@@ -247,7 +248,7 @@ def test_stock_ddp_measures_the_same_norms_as_the_explicit_reduction(tmp_path):
     """DDP's comm hook sees each rank's gradient bucket before the sum: the same points as the explicit path."""
     from dynbatch_core import RunConfig, run
     options = dict(dataset="synthetic", model="resnet8", norm="none", world_size=2, rank_weights=(1.0, 3.0),
-                   train_samples=256, test_samples=32, batch_size=64, epochs=1, noise_scale=True, progress=False,
+                   train_samples=256, test_samples=32, initial_batch=64, epochs=1, measure_noise=True, progress=False,
                    checkpoints=False)
     explicit = run(RunConfig(**options, gradient_sync="explicit", out=str(tmp_path / "explicit"))).steps
     ddp = run(RunConfig(**options, gradient_sync="ddp", out=str(tmp_path / "ddp"))).steps

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_config(tmp_path, name, **overrides):
     values = dict(dataset="synthetic", model="resnet8", world_size=2, epochs=2, train_samples=512, test_samples=64,
-                  batch_size=32, progress=False, out=str(tmp_path / name))
+                  initial_batch=32, progress=False, out=str(tmp_path / name))
     return RunConfig(**{**values, **overrides})
 
 

@@ -23,7 +23,7 @@ def run_epoch(num_samples, world_size, split_for_step, *, seed=0, epoch=0, sampl
         if slices[0] is None:
             assert all(s is None for s in slices), "ranks disagree on the number of steps"
             return steps
-        assert [len(s) for s in slices] == samplers[0].last_rank_batches
+        assert [len(s) for s in slices] == slices[0].rank_batches
         steps.append(slices)
 
 

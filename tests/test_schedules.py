@@ -161,7 +161,7 @@ def config_options(**overrides):
     config = dataclasses.replace(RunConfig(), **overrides)
     names = ("every", "plateau_window", "plateau_threshold", "time_budget_s", "score_tolerance", "probe_sizes",
              "smith_epochs", "smith_factor")
-    return {"initial_batch": config.batch_size, "min_batch": 2, "max_batch": 512,
+    return {"initial_batch": config.initial_batch, "min_batch": 2, "max_batch": 512,
             **{name: getattr(config, name) for name in names}}
 
 

@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def spawned_reference(tmp_path):
     return run(RunConfig(dataset="synthetic", model="resnet8", epochs=2, train_samples=512, test_samples=128,
-                         batch_size=32, world_size=2, progress=False, out=str(tmp_path / "spawned")))
+                         initial_batch=32, world_size=2, progress=False, out=str(tmp_path / "spawned")))
 
 
 def test_torchrun_standalone_runs_the_same_job_as_spawn(tmp_path):
@@ -167,7 +167,7 @@ def test_an_elastic_job_goes_on_after_a_node_leaves_and_after_one_joins(tmp_path
     assert changes == [2, 1, 2], changes
     # norm none and fixed B: the math is that of one uninterrupted run, whatever the number of ranks
     reference = run(RunConfig(dataset="synthetic", model="resnet8", norm="none", epochs=3, train_samples=1024,
-                              test_samples=128, batch_size=32, world_size=2, progress=False, out=str(tmp_path / "ref")))
+                              test_samples=128, initial_batch=32, world_size=2, progress=False, out=str(tmp_path / "ref")))
     expected = torch.load(reference.run_dir / "model.pt", weights_only=True)
     actual = torch.load(out / "model.pt", weights_only=True)
     assert max((expected[key] - actual[key]).abs().max().item() for key in expected) < 1e-5
