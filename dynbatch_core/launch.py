@@ -35,6 +35,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .config import BatchBounds, RunConfig
+from .checkpoint import latest_checkpoint
 from .validation import validate_config
 from .console import LOG_TO_STDOUT, close_launcher_progress, in_jupyter_kernel, launcher_progress, log
 from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
@@ -142,7 +143,6 @@ def train_under_torchrun(config: RunConfig) -> Path:
 
 
 def _has_checkpoint(run_dir: str) -> bool:
-    from .checkpoint import latest_checkpoint
     return Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None
 
 

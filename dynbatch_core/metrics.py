@@ -23,10 +23,10 @@ STEP_COLUMNS = ["epoch", "step", "rank", "world_size", "rank_batch", "global_bat
                 "slowdown",                     # the emulated factor k this rank ran at (--slowdown, --slowdown-trace)
                 "compute_s", "wait_s", "loss", "lr",
                 "model_a_s", "model_c_s",       # the model balancer's fitted line t = a + c b for this rank (else empty)
-                "rank_grad_sq", "global_grad_sq"]   # --noise-scale: |mean gradient|^2 of this rank's slice, of the step
+                "rank_grad_sq", "global_grad_sq"]   # --measure-noise: |mean gradient|^2 of this rank's slice, of the step
 EPOCH_COLUMNS = ["epoch", "global_batch", "steps", "samples", "train_loss", "test_loss", "test_acc", "world_size",
                  "epoch_s", "wall_s", "samples_per_s",
-                 "noise_scale", "noise_gradient_sq", "noise_trace", "noise_missing",  # --noise-scale (noise_scale.py)
+                 "noise_scale", "noise_gradient_sq", "noise_trace", "noise_missing",  # --measure-noise (noise_scale.py)
                  "schedule_score"]   # the probe's rate r_e, the score schedule's S_e (empty for other schedules)
 
 

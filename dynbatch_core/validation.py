@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .balancers import BALANCERS, build_balancer
+from .checkpoint import latest_checkpoint
 from .config import BatchBounds, RunConfig, balancer_options, flag, schedule_options, stored_config
 from .data import DATASET_NAMES, describe_data_source
 from .distributed import GRADIENT_SYNCS, check_device, launched_by_torchrun, resolve_device, torchrun_identity
@@ -66,7 +67,6 @@ def _as_tuple(value):
 
 def check_resume(config: RunConfig) -> None:
     """--resume must name a run folder with a checkpoint of the same computation (any world size)."""
-    from .checkpoint import latest_checkpoint
     run_dir = Path(config.resume)
     if not run_dir.is_dir():
         raise ValueError(f"--resume {config.resume}: no such run folder")
