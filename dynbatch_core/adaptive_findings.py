@@ -1,12 +1,15 @@
-"""The adaptive-batch notebook's numbers and sentences: time to the target per run and seed on two clocks, the
-pass/fail comparison of goodput against the static sweep and the class study's schedules, the critical batch.
+"""The adaptive-batch notebook's runs, numbers and sentences: the run plan, time to the target per run and seed on
+two kinds of time, the pass/fail comparison of goodput against the static sweep and the class study's schedules.
 
-    race = race_table(results, kinds, target=0.9)        # results: {(label, seed): RunResult}
-    verdict = goodput_verdict(race, clock="emulated_s")  # dict: passed, ratios, and the numbers behind them
-    describe_race(race, verdict, clock="emulated_s", regime="emulated GPU-like")  # -> sentences
+    plans, kinds = race_plan([16, 128], {"increasing": 16}, goodput_batch=64, lr=0.05, lr_reference_batch=64,
+                             decide_every=10, goodput_threshold=0.05)    # {label: RunConfig fields}, {label: kind}
+    race = race_table(results, kinds, target=0.9)               # results: {(label, seed): RunResult}
+    verdict = goodput_verdict(race, time_column="emulated_s")   # dict: passed, ratios, and the numbers behind them
+    describe_race(race, verdict, target=0.9, regime="emulated GPU-like cost")   # -> sentences
 
-kinds: label -> "static", "class", "goodput" (the run the verdict is about) or "variant" (reported beside it). A run that never reached the target counts as infinitely slow
-(so it can lose a comparison, never win one) and is named as such.
+kinds: label -> "static", "class", "goodput" (the run the verdict is about) or "variant" (reported beside it). A
+run that never reached the target counts as infinitely slow (so it can lose a comparison, never win one) and is
+named as such.
 """
 from __future__ import annotations
 
@@ -16,22 +19,50 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .critical_batch import CriticalBatchFit, with_emulated_time
+from .analysis import seed_band, tag_runs, time_to_reach
+from .critical_batch import CriticalBatchFit, emulated_timeline, with_emulated_time
+from .findings import format_seconds
 from .metrics import RunResult
-from .analysis import seed_band, time_to_reach
 
 GOODPUT_TOLERANCE = 1.1   # goodput may take this many times the best static batch's time
-CLOCKS = {"emulated_s": "emulated GPU-like time", "wall_s": "measured CPU time"}
+TIME_COLUMNS = {"emulated_s": "emulated GPU-like time", "wall_s": "measured CPU time"}
+FIXED_SCHEDULES = ("increasing", "decreasing")   # class schedules whose batches follow from their parameters alone
 
 
-def tagged_epochs(results: Mapping, label_of=lambda key: key) -> pd.DataFrame:
-    """One epochs table of the given runs with run and emulated_s columns (emulated_s: see critical_batch)."""
-    parts = []
-    for key, result in results.items():
-        part = with_emulated_time(result.epochs, result.steps)
-        part.insert(0, "run", label_of(key))
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
+def race_plan(static_batches: Sequence[int], class_schedules: Mapping[str, int], *, goodput_batch: int, lr: float,
+              lr_reference_batch: int, decide_every: int, goodput_threshold: float
+              ) -> tuple[dict[str, dict], dict[str, str]]:
+    """(plans, kinds): the RunConfig fields of every run of the race, {label: fields}, and each run's kind.
+
+    "static B" per static batch, each class schedule under its name ({name: initial B}), "goodput" from
+    goodput_batch, and the variant "goodput adascale". One learning-rate rule: `lr` at `lr_reference_batch`,
+    scaled linearly to every B a run trains at (a static run's B never moves, so that is lr x B / reference).
+    goodput adascale starts at the same learning rate, lr x goodput_batch / lr_reference_batch, and takes AdaScale's
+    gain from there: its reference batch, AdaScale's B_0, is its own initial batch, as goodput's efficiency is.
+    """
+    linear = dict(lr=lr, lr_reference_batch=lr_reference_batch, lr_scaling="linear")
+    plans = {f"static {b}": dict(schedule="static", initial_batch=b, **linear) for b in static_batches}
+    kinds = dict.fromkeys(plans, "static")
+    for name, b in class_schedules.items():
+        plans[name], kinds[name] = dict(schedule=name, initial_batch=b, **linear), "class"
+    goodput = dict(schedule="goodput", initial_batch=goodput_batch, decide_every=decide_every,
+                   goodput_threshold=goodput_threshold)
+    plans["goodput"], kinds["goodput"] = dict(goodput, **linear), "goodput"
+    plans["goodput adascale"] = dict(goodput, lr=lr * goodput_batch / lr_reference_batch,
+                                     lr_reference_batch=goodput_batch, lr_scaling="adascale")
+    kinds["goodput adascale"] = "variant"
+    return plans, kinds
+
+
+def slow_rank_labels(kinds: Mapping[str, str]) -> list[str]:
+    """The runs repeated with one slow rank: the static sweep and goodput."""
+    return [label for label, kind in kinds.items() if kind in ("static", "goodput")]
+
+
+def emulated_epochs(runs: Mapping[str | tuple[str, int], RunResult]) -> pd.DataFrame:
+    """One epochs table of the runs ({label or (label, seed): RunResult}) with run (and seed) columns and
+    emulated_s (critical_batch.with_emulated_time)."""
+    return tag_runs({key: with_emulated_time(result.epochs, result.steps) for key, result in runs.items()})
 
 
 def race_table(results: Mapping[tuple[str, int], RunResult], kinds: Mapping[str, str], *, target: float
@@ -39,20 +70,61 @@ def race_table(results: Mapping[tuple[str, int], RunResult], kinds: Mapping[str,
     """Per (run, seed): the initial batch, the samples, emulated seconds and CPU seconds to the target accuracy."""
     rows = []
     for (label, seed), result in results.items():
-        epochs = with_emulated_time(result.epochs, result.steps).assign(run=label)
-        reach = {clock: time_to_reach(epochs, "test_acc", target, lower_is_better=False, time_column=clock).iloc[0]
-                 for clock in CLOCKS}
+        epochs = emulated_epochs({label: result})
+        reach = {column: time_to_reach(epochs, "test_acc", target, lower_is_better=False,
+                                       time_column=column).iloc[0] for column in TIME_COLUMNS}
         rows.append({"run": label, "kind": kinds[label], "seed": seed,
-                     "batch": int(result.config.get("batch_size", 0)),
+                     "batch": int(result.config.get("initial_batch", 0)),
                      "samples": reach["emulated_s"]["samples"],
-                     **{clock: reach[clock]["time_s"] for clock in CLOCKS},
+                     **{column: reach[column]["time_s"] for column in TIME_COLUMNS},
                      "final_test_acc": float(result.epochs["test_acc"].iloc[-1])})
     return pd.DataFrame(rows)
 
 
-def _median_times(race: pd.DataFrame, clock: str) -> pd.Series:
+def measured_race(results: Mapping[tuple[str, int], RunResult], cpu_goodput: RunResult, kinds: Mapping[str, str],
+                  *, seed: int, target: float) -> pd.DataFrame:
+    """race_table of one seed's runs with goodput's run replaced by `cpu_goodput` (the goodput run that decided
+    from this machine's step times), under goodput's label: the race on measured time (wall_s)."""
+    runs = {(label, run_seed): cpu_goodput if kinds[label] == "goodput" else result
+            for (label, run_seed), result in results.items() if run_seed == seed}
+    return race_table(runs, kinds, target=target)
+
+
+def measured_runs(runs: Mapping[str, RunResult], kinds: Mapping[str, str], cpu_runs: Mapping[str, RunResult]
+                  ) -> dict[str, RunResult]:
+    """One seed's runs ({label: RunResult}) as the figure of the race on measured time shows them: goodput's run
+    left out, and `cpu_runs` ({"goodput-cpu": RunResult}, the goodput run that decided from this machine's step
+    times) added at the end."""
+    return {label: result for label, result in runs.items() if kinds[label] != "goodput"} | dict(cpu_runs)
+
+
+def moving_runs(runs: Mapping[str, RunResult], kinds: Mapping[str, str], *,
+                slow_runs: Mapping[str, RunResult] | None = None, slowdown: Sequence[float] = ()
+                ) -> dict[str, RunResult]:
+    """The runs whose B moves, {label: RunResult}: goodput, its variants and the class schedules of `runs` (one
+    seed's), then goodput's run of `slow_runs` (the slow-rank case) as "goodput, slowdown [1, 3]"."""
+    moving = {label: runs[label] for kind in ("goodput", "variant", "class") for label in runs if kinds[label] == kind}
+    for label, result in (slow_runs or {}).items():
+        if kinds[label] == "goodput":
+            moving[f"{label}, slowdown {list(slowdown)}"] = result
+    return moving
+
+
+def batch_timeline(runs: Mapping[str, RunResult]) -> pd.DataFrame:
+    """Per run and step: epoch, step, global_batch and emulated_s (critical_batch.emulated_timeline), run first."""
+    return tag_runs({label: emulated_timeline(result.steps) for label, result in runs.items()})
+
+
+def fixed_schedules(runs: Mapping[str, RunResult], kinds: Mapping[str, str]) -> dict[str, list[int]]:
+    """The global batch per epoch of the runs whose batches follow from the parameters alone: the static runs and
+    the increasing and decreasing schedules (nbval compares them)."""
+    return {label: [int(b) for b in result.epochs["global_batch"]] for label, result in runs.items()
+            if kinds[label] == "static" or (kinds[label] == "class" and label in FIXED_SCHEDULES)}
+
+
+def _median_times(race: pd.DataFrame, time_column: str) -> pd.Series:
     """Per run: the median over seeds of its time to the target (a seed that never reached it: inf)."""
-    return race.assign(t=race[clock].fillna(math.inf)).groupby("run", sort=False)["t"].median()
+    return race.assign(t=race[time_column].fillna(math.inf)).groupby("run", sort=False)["t"].median()
 
 
 CHECKS = ("within_tolerance_of_best_static", "faster_than_median_static", "faster_than_every_class_schedule")
@@ -68,13 +140,15 @@ def _judge(ratios: Sequence[float], bound: float, *, strict: bool) -> tuple[str,
     return {"below": "pass", "above": "fail", "within": "within noise"}[band["side"]], band
 
 
-def goodput_verdict(race: pd.DataFrame, *, clock: str = "emulated_s", tolerance: float = GOODPUT_TOLERANCE) -> dict:
-    """The issue's pass/fail line on one clock, judged per seed: goodput's time to the target over the same seed's
-    best static batch (the static run with the best median) must stay within `tolerance`, and over the seed's median
-    static batch and every class schedule below 1. Each check passes when every seed's ratio does, fails when every
-    seed's fails, and is "within noise" otherwise; the verdict's outcome is "passes", "fails" or "within noise"."""
-    times = race.assign(t=race[clock].fillna(math.inf)).pivot(index="seed", columns="run", values="t")
-    medians = _median_times(race, clock)
+def goodput_verdict(race: pd.DataFrame, *, time_column: str = "emulated_s", tolerance: float = GOODPUT_TOLERANCE
+                    ) -> dict:
+    """The issue's pass/fail line on one kind of time (`time_column`), judged per seed: goodput's time to the
+    target over the same seed's best static batch (the static run with the best median) must stay within
+    `tolerance`, and over the seed's median static batch and every class schedule below 1. Each check passes when
+    every seed's ratio does, fails when every seed's fails, and is "within noise" otherwise; the verdict's outcome
+    is "passes", "fails" or "within noise"."""
+    times = race.assign(t=race[time_column].fillna(math.inf)).pivot(index="seed", columns="run", values="t")
+    medians = _median_times(race, time_column)
     kind = race.groupby("run", sort=False)["kind"].first()
     static = medians[kind == "static"]
     goodput_run = kind.index[kind == "goodput"][0]
@@ -92,7 +166,7 @@ def goodput_verdict(race: pd.DataFrame, *, clock: str = "emulated_s", tolerance:
                          "within noise" if "within noise" in class_checks.values() else "pass")
     outcome = ("fails" if "fail" in checks.values() else "within noise" if "within noise" in checks.values()
                else "passes")
-    return {"clock": clock, "seeds": sorted(int(s) for s in race["seed"].unique()),
+    return {"time_column": time_column, "seeds": sorted(int(s) for s in race["seed"].unique()),
             "goodput_s": float(medians[goodput_run]), "best_static": best, "best_static_s": float(static[best]),
             "median_static_s": float(np.median(static.to_numpy())),
             "ratio_to_best_static": float(medians[goodput_run] / static[best]),
@@ -100,24 +174,26 @@ def goodput_verdict(race: pd.DataFrame, *, clock: str = "emulated_s", tolerance:
             **checks, "bands": bands, "outcome": outcome, "passed": outcome == "passes"}
 
 
-def _time(value: float) -> str:
-    return "never" if not math.isfinite(value) else (f"{value:.2f} s" if value < 10 else f"{value:.1f} s")
-
-
 def describe_race(race: pd.DataFrame, verdict: Mapping, *, target: float, regime: str) -> list[str]:
-    """Sentences: the medians on one clock and the verdict, with every number it rests on."""
+    """Sentences: the medians on one kind of time and the verdict, with every number it rests on. Seconds with two
+    decimals (one from 10 s on): the emulated times are a few seconds."""
+    def seconds(value: float) -> str:
+        return format_seconds(value, decimals=2)
+
     seeds = verdict["seeds"]
-    per_seed = race[race["kind"] == "goodput"].sort_values("seed")[verdict["clock"]]
-    classes = "; the class study's schedules: " + ", ".join(f"{name} {_time(t)}" for name, t in
-                                                             verdict["class_s"].items()) if verdict["class_s"] else ""
-    variants = _median_times(race, verdict["clock"])[race.groupby("run", sort=False)["kind"].first() == "variant"]
-    others = "".join(f" {name}: {_time(t)} ({t / verdict['best_static_s']:.2f}x the best static batch)."
+    per_seed = race[race["kind"] == "goodput"].sort_values("seed")[verdict["time_column"]]
+    classes = ("; the class study's schedules: " + ", ".join(f"{name} {seconds(t)}" for name, t in
+                                                              verdict["class_s"].items()) if verdict["class_s"] else "")
+    kind = race.groupby("run", sort=False)["kind"].first()
+    variants = _median_times(race, verdict["time_column"])[kind == "variant"]
+    others = "".join(f" {name}: {seconds(t)} ({t / verdict['best_static_s']:.2f}x the best static batch)."
                      for name, t in variants.items())
-    return [f"{regime[0].upper()}{regime[1:]}, median over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) of the time "
-            f"to {target:g} test accuracy: goodput {_time(verdict['goodput_s'])} (per seed: "
-            f"{', '.join(_time(t) for t in per_seed.fillna(math.inf))}); the best static batch ({verdict['best_static']}) "
-            f"{_time(verdict['best_static_s'])}, so goodput took {verdict['ratio_to_best_static']:.2f}x its time; "
-            f"the median static batch {_time(verdict['median_static_s'])}{classes}.",
+    return [f"{regime[0].upper()}{regime[1:]}, median over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) of "
+            f"the time to {target:g} test accuracy: goodput {seconds(verdict['goodput_s'])} (per seed: "
+            f"{', '.join(seconds(t) for t in per_seed.fillna(math.inf))}); the best static batch "
+            f"({verdict['best_static']}) {seconds(verdict['best_static_s'])}, so goodput took "
+            f"{verdict['ratio_to_best_static']:.2f}x its time; the median static batch "
+            f"{seconds(verdict['median_static_s'])}{classes}.",
             describe_verdict(verdict) + others]
 
 
@@ -149,7 +225,7 @@ def per_sample_cost(race_results: Mapping[tuple[str, int], RunResult], kinds: Ma
             continue
         epochs = with_emulated_time(result.epochs, result.steps)
         samples = float(epochs["samples"].sum())
-        rows.append({"batch": int(result.config["batch_size"]),
+        rows.append({"batch": int(result.config["initial_batch"]),
                      "cpu_ms_per_sample": 1000 * float(epochs["wall_s"].iloc[-1]) / samples,
                      "emulated_ms_per_sample": 1000 * float(epochs["emulated_s"].iloc[-1]) / samples})
     table = pd.DataFrame(rows).sort_values("batch").reset_index(drop=True)

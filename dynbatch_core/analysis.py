@@ -1,5 +1,5 @@
 """The metrics of the notebooks, figures and benchmarks: pure functions on a run's steps.csv / epochs.csv tables
-(with a `run` column when they hold several runs; tag_runs adds it).
+(with a `run` column when they hold several runs, and a `seed` column when seeds repeat them; tag_runs adds both).
 
     from dynbatch_core import read_run
     from dynbatch_core.analysis import (balance_efficiency, ideal_split, settle_step, oscillation,
@@ -11,6 +11,7 @@
     oscillation(run.steps, after_step=settled)               # largest (max b_i - min b_i) / mean b_i
     steady_throughput(run.steps, after_step=48)              # samples/s over steps >= 48
     time_to_reach(tag_runs({"pid": run.epochs}), "test_acc", 0.9, lower_is_better=False)   # seconds, samples
+    tag_runs({("pid", 0): run, ("pid", 1): other}, table="epochs")   # run and seed columns, from RunResults
     ceiling_speedup([1, 3])                                  # 2.0 = mean(speed) / min(speed), speed = 1/k
 
 Definitions (n ranks, B the global batch, b_i rank i's batch, k_i its slowdown):
@@ -155,34 +156,72 @@ def run_labels(table: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(table["run"]))
 
 
-def tag_runs(tables: Mapping[str, pd.DataFrame], **columns: Mapping[str, object]) -> pd.DataFrame:
-    """One table from {run label: table}, with a 'run' column first; `columns` adds more per-run columns."""
+def tag_runs(tables: Mapping[str | tuple[str, int], object], *, table: str | None = None,
+             **columns: Mapping[object, object]) -> pd.DataFrame:
+    """One table from {run: table}, with a 'run' column first: the one way to put several runs in one table.
+
+    A key is a run label, or (label, seed) for a run repeated per seed, which adds a 'seed' column after 'run'.
+    table: the attribute holding each value's table ("steps" or "epochs" of a RunResult); None: the values are
+    the tables. `columns` adds more per-run columns after those, each a mapping {key: value}.
+    """
     parts = []
-    for label, table in tables.items():
-        part = table.copy()
+    for key, value in tables.items():
+        part = (value if table is None else getattr(value, table)).copy()
+        label, seed = key if isinstance(key, tuple) else (key, None)
         for name, values in reversed(list(columns.items())):
-            part.insert(0, name, [values[label]] * len(part))
+            part.insert(0, name, [values[key]] * len(part))
+        if seed is not None:
+            part.insert(0, "seed", int(seed))
         part.insert(0, "run", label)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
 
+def of_seed(runs: Mapping[tuple[str, int], object], seed: int) -> dict[str, object]:
+    """{label: value} of the runs keyed (label, seed) that ran at `seed`, in their order."""
+    return {label: value for (label, run_seed), value in runs.items() if run_seed == seed}
+
+
 def efficiency_table(steps: pd.DataFrame) -> pd.DataFrame:
     """balance_efficiency for each run: columns run, epoch, step, global_batch, efficiency."""
-    parts = []
+    tables = {}
     for run in run_labels(steps):
         part = steps[steps["run"] == run]
         per_step = part.groupby("step", sort=True)[["epoch", "global_batch"]].first().reset_index()
-        parts.append(per_step.merge(balance_efficiency(part), on="step").assign(run=run))
-    return pd.concat(parts, ignore_index=True)[["run", "epoch", "step", "global_batch", "efficiency"]]
+        tables[run] = per_step.merge(balance_efficiency(part), on="step")
+    return tag_runs(tables)[["run", "epoch", "step", "global_batch", "efficiency"]]
+
+
+def slowdown_sweep(balancers: Sequence[str], slowdown: Sequence[float], slowest: Sequence[float]
+                   ) -> dict[str, tuple[str, list[float]]]:
+    """The heterogeneous notebook's sweep: per k in `slowest`, `slowdown` with the slowest rank's factor replaced by
+    k, and one run of each balancer there: {"dbs k=2": ("dbs", [1, 2]), ...} (label: (balancer, slowdown vector))."""
+    sweep = {}
+    for k in slowest:
+        vector = [k if s == max(slowdown) else s for s in slowdown]
+        for balancer in balancers:
+            sweep[f"{balancer} k={k:g}"] = (balancer, vector)
+    return sweep
+
+
+def balancer_table(tables: Mapping[str, object], slowdown: Sequence[float],
+                   sweep: Mapping[str, tuple[str, Sequence[float]]], *, table: str | None = None) -> pd.DataFrame:
+    """tag_runs of the runs with the columns speedup_table reads: balancer, slowest (the largest k) and slowdown
+    (the vector as text, "1,3"). A run of `sweep` (slowdown_sweep's) is at its vector; any other run is labelled
+    by its balancer and ran at `slowdown`."""
+    at = {label: sweep.get(label, (label, slowdown)) for label in tables}
+    return tag_runs(tables, table=table, balancer={label: balancer for label, (balancer, _) in at.items()},
+                    slowest={label: max(vector) for label, (_, vector) in at.items()},
+                    slowdown={label: ",".join(f"{k:g}" for k in vector) for label, (_, vector) in at.items()})
 
 
 def speedup_table(epochs: pd.DataFrame, *, baseline: str = "equal") -> pd.DataFrame:
     """Speed-up of each balancer over `baseline` at each slowdown, from the last epoch's samples/s.
 
     `epochs` needs columns balancer, slowest (the slowest rank's k), slowdown (the whole vector, as text or tuple),
-    epoch and samples_per_s. The last epoch is used so that a balancer that adapts after the first epoch (dbs) is
-    measured once it has adapted. Columns out: slowest, slowdown, balancer, samples_per_s, speedup, ceiling.
+    epoch and samples_per_s (balancer_table adds the first three). The last epoch is used so that a balancer
+    that adapts after the first epoch (dbs) is measured once it has adapted. Columns out: slowest, slowdown,
+    balancer, samples_per_s, speedup, ceiling.
     """
     last = epochs.sort_values("epoch").groupby(["slowest", "balancer"], sort=False).tail(1)
     rows = []
@@ -212,7 +251,8 @@ def fitted_step_time_table(steps: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-PRICED_CLOCK = "priced time (each epoch: its samples x the median seconds per sample at its B over all runs)"
+# How a sentence names priced_s (findings.describe_seeded_race's time_phrase, describe_schedule_race).
+PRICED_TIME_PHRASE = "priced time (each epoch: its samples x the median seconds per sample at its B over all runs)"
 
 
 def priced_time(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -277,3 +317,61 @@ def seeded_race(epochs: pd.DataFrame, baseline: str, *, time_column: str = "wall
         rows += [{"seed": int(seed), "run": row.run, "target": target, "time_s": row.time_s,
                   "samples": row.samples, "speedup": base / row.time_s} for row in reach.itertuples()]
     return pd.DataFrame(rows, columns=["seed", "run", "target", "time_s", "samples", "speedup"])
+
+
+def timing_spread(epochs: pd.DataFrame) -> dict | None:
+    """How far the runs' throughput differs at a global batch every run used, where it differs most: spread (the
+    largest ratio of median samples/s between runs there), batch, and the slowest and fastest run's medians (low,
+    low_run, high, high_run). None with fewer than two runs or no batch they all used."""
+    medians = epochs.groupby(["global_batch", "run"])["samples_per_s"].median().unstack("run")
+    shared = medians.dropna()  # batches every run used
+    if epochs["run"].nunique() < 2 or shared.empty:
+        return None
+    spreads = shared.max(axis=1) / shared.min(axis=1)
+    batch = spreads.idxmax()
+    row = shared.loc[batch]
+    return {"spread": float(spreads[batch]), "batch": batch, "low": row.min(), "low_run": row.idxmin(),
+            "high": row.max(), "high_run": row.idxmax()}
+
+
+def schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau"),
+                  time_column: str = "wall_s") -> dict:
+    """The numbers of a race of batch schedules to the highest final training loss (every run reaches it), for
+    findings.describe_schedule_race.
+
+    Time to a loss = samples needed / samples per second, so the numbers say which of the two decided it
+    (`decided_by`: "samples" or "rate"). time_column "priced_s" (priced_time): the race is on priced time, which
+    load on the machine during one run cannot decide; `wall_s` then holds each run's wall-clock time beside it,
+    and `spread` (the timing noise that can hide a difference) is 1. Otherwise `timing` is timing_spread's.
+    The runs are ranked by time, or, when the whole race lies within the timing noise (time_ratio <= spread), by
+    samples needed (`ranked_by`); `agree`: whether the first two are the class study's `expected_fastest`.
+    """
+    priced = time_column == "priced_s"
+    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    target = float(finals["train_loss"].max())
+    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True, time_column=time_column
+                          ).sort_values("time_s")
+    reach["rate"] = reach["samples"] / reach["time_s"]
+    fastest, slowest = reach.iloc[0], reach.iloc[-1]
+    wall = (time_to_reach(epochs, "train_loss", target, lower_is_better=True).set_index("run")["time_s"].to_dict()
+            if priced else None)
+    timing = None if priced else timing_spread(epochs)
+    spread = 1.0 if timing is None else timing["spread"]
+    by_samples = reach.sort_values("samples")
+    sample_ratio = slowest.samples / fastest.samples
+    rate_ratio = fastest.rate / slowest.rate
+    time_ratio = slowest.time_s / fastest.time_s
+    ranked_by = "samples" if time_ratio <= spread else "time"
+    two_first = list((by_samples if ranked_by == "samples" else reach)["run"].iloc[:2])
+    return {"time_column": time_column, "target": target,
+            "reach": reach,               # run, time_s, samples, rate (samples/s): fastest first
+            "by_samples": by_samples,     # the same rows, fewest samples first
+            "wall_s": wall,
+            "batches": {run: [int(b) for b in epochs.loc[epochs["run"] == run, "global_batch"]]
+                        for run in finals.index},
+            "median_rate": epochs.groupby("global_batch")["samples_per_s"].median(),   # per B, ascending
+            "fastest": fastest.run, "slowest": slowest.run, "time_ratio": time_ratio,
+            "sample_ratio": sample_ratio, "rate_ratio": rate_ratio,
+            "decided_by": "samples" if sample_ratio >= rate_ratio else "rate",
+            "timing": timing, "spread": spread, "ranked_by": ranked_by, "two_first": two_first,
+            "expected_fastest": list(expected_fastest), "agree": set(two_first) == set(expected_fastest)}

@@ -1,14 +1,16 @@
 """The adaptive-batch analysis: time on emulated hardware, the critical batch measured from a sweep of static
 batches, and the noise scale at the target, all read from the runs' own tables.
 
-    clock = emulated_clock(result.steps)                      # per step: B and the emulated seconds at its end
+    timeline = emulated_timeline(result.steps)                # per step: B and the emulated seconds at its end
     epochs = with_emulated_time(result.epochs, result.steps)  # + emulated_s at each epoch's end
     fit = fit_critical_batch(batches=[16, 64, 256], samples=[9e3, 1.1e4, 2.4e4])
-    fit.critical_batch, fit.min_steps, fit.min_samples
+    fit.critical_batch, fit.min_steps, fit.min_samples, fit.steps_at(128)
+    sweep = static_sweep(race)                     # race: adaptive_findings.race_table's; per static B its samples
+    noise_at_target(race, results)                 # B_simple when the static runs reached the target (median)
 
-Emulated time (--emulated-clock): a step takes as long as its slowest rank's compute_s, which under emulation is
-exactly (step_ms + b x sample_ms) x k; communication and the host's own overhead count for nothing, as on hardware
-whose step cost the emulation describes.
+Emulated time (--emulated-sample-ms with --skip-emulated-sleep): a step takes as long as its slowest rank's
+compute_s, which under emulation is exactly (step_ms + b x sample_ms) x k; communication and the host's own
+overhead count for nothing, as on hardware whose step cost the emulation describes.
 
 The critical batch (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", eq. 2.11): the steps S
 and samples E = B S a run needs to reach a target trade off as (S/S_min - 1)(E/E_min - 1) = 1, i.e.
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 
-def emulated_clock(steps: pd.DataFrame) -> pd.DataFrame:
+def emulated_timeline(steps: pd.DataFrame) -> pd.DataFrame:
     """Per global step: epoch, step, global_batch and emulated_s, the sum of the slowest rank's compute_s up to and
     including that step (with a 'run' column, per run)."""
     keys = ["run"] if "run" in steps else []
@@ -40,9 +42,9 @@ def emulated_clock(steps: pd.DataFrame) -> pd.DataFrame:
 
 def with_emulated_time(epochs: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     """`epochs` with an emulated_s column: the emulated time at the end of each epoch's last step."""
-    clock = emulated_clock(steps)
+    timeline = emulated_timeline(steps)
     keys = ["run"] if "run" in epochs else []
-    ends = clock.groupby(keys + ["epoch"], sort=False)["emulated_s"].max().reset_index()
+    ends = timeline.groupby(keys + ["epoch"], sort=False)["emulated_s"].max().reset_index()
     return epochs.merge(ends, on=keys + ["epoch"], how="left")
 
 
@@ -53,7 +55,8 @@ class CriticalBatchFit:
     min_samples: float      # E_min: samples to the target at a batch of one
     batches: tuple[int, ...]   # the static batches that reached the target, used in the fit
 
-    def steps_at(self, batch: float) -> float:
+    def steps_at(self, batch: float | np.ndarray) -> float | np.ndarray:
+        """McCandlish's S(B) = S_min (1 + B_crit / B): the steps to the target at batch B (an array: per B)."""
         return self.min_steps * (1 + self.critical_batch / batch)
 
 
@@ -79,3 +82,21 @@ def noise_scale_at(epochs: pd.DataFrame, samples: float) -> float:
     seen = epochs["samples"].cumsum().to_numpy(float)
     index = int(np.searchsorted(seen, samples))
     return float(epochs["noise_scale"].iloc[min(index, len(epochs) - 1)])
+
+
+def static_sweep(race: pd.DataFrame) -> pd.DataFrame:
+    """Per static batch of a race table (adaptive_findings.race_table: run, kind, seed, batch, samples), the median
+    over seeds of the samples it needed to reach the target: columns batch, samples, smallest batch first (the
+    input of fit_critical_batch and of the critical-batch figure)."""
+    static = race[race["kind"] == "static"]
+    return static.groupby("batch", as_index=False)["samples"].median().sort_values("batch")
+
+
+def noise_at_target(race: pd.DataFrame, results: Mapping[tuple[str, int], object]) -> float:
+    """The noise scale B_simple when the static runs reached the target: per static run and seed of `race`,
+    noise_scale_at its samples to the target in its epochs (results: {(label, seed): RunResult}); their median
+    (NaN when none reached it)."""
+    static = race[race["kind"] == "static"]
+    at_target = [noise_scale_at(results[label, seed].epochs, samples)
+                 for label, seed, samples in zip(static["run"], static["seed"], static["samples"])]
+    return float(pd.Series(at_target, dtype=float).median())

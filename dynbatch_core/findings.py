@@ -4,9 +4,13 @@ each summary JSON (the adaptive notebook's own are in adaptive_findings.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import pandas as pd
+
+from .analysis import (PRICED_TIME_PHRASE, ceiling_speedup, efficiency_table, fitted_step_time_table, run_labels,
+                       seed_band, seeded_race, time_to_reach, timing_spread)
 
 CLASS_STUDY = ("the class study (full datasets, ResNet-18/101 on GPUs) saw an accuracy dip on 1 GPU when the probe "
                "schedule dropped the batch back to 16, and on 4 GPUs found the decreasing and loss-based schedules "
@@ -14,8 +18,12 @@ CLASS_STUDY = ("the class study (full datasets, ResNet-18/101 on GPUs) saw an ac
 DIP_POINTS = 0.2  # a drop in test accuracy of at least this many percentage points counts as a dip
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+def format_seconds(value: float, decimals: int = 1) -> str:
+    """A time in a sentence: "4.2 s", "42 s" (from 10 s on, one decimal fewer), "never" (not finite: never reached).
+    Every sentence of the report writes seconds with it (the adaptive notebook's with decimals=2)."""
+    if not math.isfinite(value):
+        return "never"
+    return f"{value:.{decimals if value < 10 else max(decimals - 1, 0)}f} s"
 
 
 def _batches(values: Sequence[int]) -> str:
@@ -51,11 +59,11 @@ def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[li
     probe_part = epochs.iloc[:probes]
     first, last = epochs.iloc[0], epochs.iloc[-1]
     findings = [f"The probe ran one epoch at each global batch {_batches(probe_part['global_batch'])} "
-                f"({_seconds(probe_part['wall_s'].iloc[-1])} of training)"
+                f"({format_seconds(probe_part['wall_s'].iloc[-1])} of training)"
                 + (f", then kept B = {outcome['chosen_batch']} for the remaining {len(epochs) - probes} epoch(s)."
                    if outcome["chosen_batch"] else "; the run ended before it chose a batch."),
                 f"Test accuracy went from {first['test_acc']:.3f} after the first epoch to {last['test_acc']:.3f} "
-                f"after {len(epochs)} epochs and {_seconds(last['wall_s'])} of training."]
+                f"after {len(epochs)} epochs and {format_seconds(last['wall_s'])} of training."]
     if outcome["chosen_batch"] is None:
         return findings, []
     rates = probe_part["schedule_score"].tolist()   # what the probe scored each epoch (epochs.csv)
@@ -84,75 +92,61 @@ def describe_probe(epochs: pd.DataFrame, probe_sizes: Sequence[int]) -> tuple[li
 
 def timing_noise(epochs: pd.DataFrame, threshold: float = 1.2) -> tuple[float, str | None]:
     """(spread, sentence): the largest ratio of median samples/s between runs at a global batch every run used
-    (1.0 when none is shared), and a sentence about it when it exceeds `threshold`."""
-    medians = epochs.groupby(["global_batch", "run"])["samples_per_s"].median().unstack("run")
-    shared = medians.dropna()  # batches every run used
-    if epochs["run"].nunique() < 2 or shared.empty:
+    (1.0 when none is shared: analysis.timing_spread), and a sentence about it when it exceeds `threshold`."""
+    timing = timing_spread(epochs)
+    if timing is None:
         return 1.0, None
-    spreads = shared.max(axis=1) / shared.min(axis=1)
-    batch = spreads.idxmax()
-    spread = float(spreads[batch])
-    if spread <= threshold:
-        return spread, None
-    row = shared.loc[batch]
-    return spread, (f"Timing noise: at B = {batch}, which every run used, the runs' median throughput ranged from "
-                    f"{row.min():.0f} ({row.idxmin()}) to {row.max():.0f} samples/s ({row.idxmax()}): other work "
-                    f"shared the CPU, so time ratios between runs below about {spread:.1f}× are within this noise.")
+    return timing["spread"], _timing_sentence(timing, threshold)
+
+
+def _timing_sentence(timing: dict | None, threshold: float = 1.2) -> str | None:
+    if timing is None or timing["spread"] <= threshold:
+        return None
+    return (f"Timing noise: at B = {timing['batch']}, which every run used, the runs' median throughput ranged from "
+            f"{timing['low']:.0f} ({timing['low_run']}) to {timing['high']:.0f} samples/s ({timing['high_run']}): "
+            f"other work shared the CPU, so time ratios between runs below about {timing['spread']:.1f}× are within "
+            "this noise.")
 
 
 def describe_accuracy_race(epochs: pd.DataFrame, *, noise: bool = True) -> list[str]:
     """Final accuracies and the time each run needed to reach the lowest of them; noise: add `timing_noise`'s
     sentence (only meaningful when runs with the same global batch should run equally fast)."""
-    from .analysis import time_to_reach
     finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
     findings = ["Global batch per epoch: " + "; ".join(
         f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + "."]
     findings.append("Final test accuracy: " + ", ".join(
-        f"{run} {row.test_acc:.3f} after {_seconds(row.wall_s)}" for run, row in finals.iterrows()) + ".")
+        f"{run} {row.test_acc:.3f} after {format_seconds(row.wall_s)}" for run, row in finals.iterrows()) + ".")
     if len(finals) > 1:
         target = float(finals["test_acc"].min())
         reach = time_to_reach(epochs, "test_acc", target, lower_is_better=False).sort_values("time_s")
         findings.append(f"To reach {target:.3f} (the lowest final accuracy) took " + ", ".join(
-            f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) +
+            f"{row.run} {format_seconds(row.time_s)}" for row in reach.itertuples()) +
             f": {reach['run'].iloc[0]} was {reach['time_s'].iloc[-1] / reach['time_s'].iloc[0]:.2f}× faster "
             f"than {reach['run'].iloc[-1]}.")
     sentence = timing_noise(epochs)[1] if noise else None
     return findings + ([sentence] if sentence else [])
 
 
-def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[str] = ("decreasing", "loss-plateau"),
-                           time_column: str = "wall_s") -> tuple[list[str], list[str], float]:
-    """(findings, comparison, target loss): time to reach the highest final training loss, and why.
-
-    Time to a loss = samples needed / samples per second, so the sentence says which of the two decided it.
-    time_column "priced_s" (analysis.priced_time): the race is on priced time, which load on the machine during
-    one run cannot decide, and the wall-clock times are given beside it.
-    """
-    from .analysis import PRICED_CLOCK, time_to_reach
-    priced = time_column == "priced_s"
-    finals = epochs.groupby("run", sort=False).tail(1).set_index("run")
-    target = float(finals["train_loss"].max())
-    reach = time_to_reach(epochs, "train_loss", target, lower_is_better=True, time_column=time_column
-                          ).sort_values("time_s")
-    reach["rate"] = reach["samples"] / reach["time_s"]
+def describe_schedule_race(race: dict) -> tuple[list[str], list[str]]:
+    """(findings, comparison with the class study) for analysis.schedule_race's numbers: the time each schedule
+    took to the target loss, and why the fastest won (fewer samples, or faster processing of them)."""
+    reach, by_samples = race["reach"], race["by_samples"]
     fastest, slowest = reach.iloc[0], reach.iloc[-1]
-    findings = [f"Time to reach training loss {target:.3g} (the highest final loss, so every run reaches it)"
-                + (f" on {PRICED_CLOCK}" if priced else "") + ": "
-                + ", ".join(f"{row.run} {_seconds(row.time_s)}" for row in reach.itertuples()) + "."]
+    priced = race["time_column"] == "priced_s"
+    findings = [f"Time to reach training loss {race['target']:.3g} (the highest final loss, so every run reaches it)"
+                + (f" on {PRICED_TIME_PHRASE}" if priced else "") + ": "
+                + ", ".join(f"{row.run} {format_seconds(row.time_s)}" for row in reach.itertuples()) + "."]
     if priced:
-        wall = time_to_reach(epochs, "train_loss", target, lower_is_better=True).set_index("run")["time_s"]
         findings.append("On the wall clock, which other work on the machine moves: " + ", ".join(
-            f"{run} {_seconds(wall[run])}" for run in reach["run"]) + ".")
+            f"{run} {format_seconds(race['wall_s'][run])}" for run in reach["run"]) + ".")
     findings.append("Global batch per epoch: " + "; ".join(
-        f"{run} {_batches(epochs.loc[epochs['run'] == run, 'global_batch'])}" for run in finals.index) + ".")
-    sample_ratio = slowest.samples / fastest.samples
-    rate_ratio = fastest.rate / slowest.rate
-    reason = "fewer samples" if sample_ratio >= rate_ratio else "faster processing of samples"
-    findings.append(f"{fastest.run} beat {slowest.run} by {slowest.time_s / fastest.time_s:.2f}×: it needed "
-                    f"{fastest.samples:.0f} samples instead of {slowest.samples:.0f} ({sample_ratio:.2f}×) at "
-                    f"{fastest.rate:.0f} instead of {slowest.rate:.0f} samples/s ({rate_ratio:.2f}×), so mostly "
-                    f"{reason}.")
-    by_batch = epochs.groupby("global_batch")["samples_per_s"].median()
+        f"{run} {_batches(batches)}" for run, batches in race["batches"].items()) + ".")
+    reason = {"samples": "fewer samples", "rate": "faster processing of samples"}[race["decided_by"]]
+    findings.append(f"{fastest.run} beat {slowest.run} by {race['time_ratio']:.2f}×: it needed "
+                    f"{fastest.samples:.0f} samples instead of {slowest.samples:.0f} ({race['sample_ratio']:.2f}×) at "
+                    f"{fastest.rate:.0f} instead of {slowest.rate:.0f} samples/s ({race['rate_ratio']:.2f}×), so "
+                    f"mostly {reason}.")
+    by_batch = race["median_rate"]
     if len(by_batch) > 1:
         small, large = by_batch.iloc[0], by_batch.iloc[-1]
         throughput = (f"median {small:.0f} samples/s at B = {by_batch.index[0]} vs {large:.0f} at "
@@ -165,34 +159,30 @@ def describe_schedule_race(epochs: pd.DataFrame, *, expected_fastest: Sequence[s
             findings.append(f"Large batches are hardly faster per sample here ({throughput}), so the schedules "
                             "differ mainly in how much the loss falls per sample, where smaller batches (more "
                             "updates) tend to win early in training.")
-    spread, noise = (1.0, None) if priced else timing_noise(epochs)
+    noise = _timing_sentence(race["timing"])
     if noise:
         findings.append(noise)
-    by_samples = reach.sort_values("samples")
     findings.append("Samples needed to reach it (not affected by timing noise): " + ", ".join(
         f"{row.run} {row.samples:.0f}" for row in by_samples.itertuples()) + ".")
-    time_ratio = slowest.time_s / fastest.time_s
-    if time_ratio <= spread:
-        two_first = list(by_samples["run"].iloc[:2])
-        agree = set(two_first) == set(expected_fastest)
-        comparison = [f"This run cannot rank the schedules by time: all reached the target within {time_ratio:.2f}× "
-                      f"of each other, inside the {spread:.1f}× timing noise. By samples needed, the two most "
-                      f"efficient were {_names(two_first)}, " + ("the same two the class study found fastest."
-                      if agree else f"not the class study's two fastest ({_names(expected_fastest)}).")]
+    expected, two_first = race["expected_fastest"], race["two_first"]
+    if race["ranked_by"] == "samples":
+        comparison = [f"This run cannot rank the schedules by time: all reached the target within "
+                      f"{race['time_ratio']:.2f}× of each other, inside the {race['spread']:.1f}× timing noise. By "
+                      f"samples needed, the two most efficient were {_names(two_first)}, "
+                      + ("the same two the class study found fastest." if race["agree"] else
+                         f"not the class study's two fastest ({_names(expected)}).")]
     else:
-        two_first = list(reach["run"].iloc[:2])
-        agree = set(two_first) == set(expected_fastest)
-        comparison = [f"{'As in' if agree else 'Unlike'} the class study (4 GPUs: {_names(expected_fastest)} "
+        comparison = [f"{'As in' if race['agree'] else 'Unlike'} the class study (4 GPUs: {_names(expected)} "
                       f"fastest), the two fastest here were {_names(two_first)}; {fastest.run} won mostly through "
                       f"{reason}."]
-    if not agree:
+    if not race["agree"]:
         gain = (f" (here B = {by_batch.index[-1]} ran only {by_batch.iloc[-1] / by_batch.iloc[0]:.1f}× faster per "
                 f"sample than B = {by_batch.index[0]})" if len(by_batch) > 1 else "")
         comparison.append("Two likely reasons for the difference: on GPUs a large batch is far cheaper per sample than on these CPU "
                           f"ranks{gain}, which favours starting large; and the class study's loss-based rule, as "
                           "its seed computed P (without the 1/k, see schedules.LossPlateauSchedule), never saw a "
                           "plateau and only ever halved B, so it behaved like decreasing.")
-    return findings, comparison, target
+    return findings, comparison
 
 
 def describe_band(band: dict, what: str, *, against: float = 1.0) -> str:
@@ -206,25 +196,39 @@ def describe_band(band: dict, what: str, *, against: float = 1.0) -> str:
     return f"{what} {band['median']:.2f}× ({median}{verdict[band['side']]})"
 
 
-def describe_seeded_race(race: pd.DataFrame, baseline: str, *, clock: str) -> tuple[list[str], dict]:
+def describe_seeded_race(race: pd.DataFrame, baseline: str, *, time_phrase: str) -> tuple[list[str], dict]:
     """Sentences and {run: seed band} for analysis.seeded_race's table: each run's speed-up over `baseline` in
-    reaching each seed's target accuracy, judged by the seeds' spread."""
-    from .analysis import seed_band
+    reaching each seed's target accuracy, judged by the seeds' spread. time_phrase: what the times are, as the
+    sentence names them ("the wall clock", analysis.PRICED_TIME_PHRASE)."""
     seeds = sorted(race["seed"].unique())
     medians = race.groupby("run", sort=False)["time_s"].median().sort_values()
     bands = {run: seed_band(part["speedup"]) for run, part in race.groupby("run", sort=False) if run != baseline}
     over = f"median over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    sentences = [f"Time to the test accuracy every run of a seed reached (the lowest of their best) on {clock} "
+    sentences = [f"Time to the test accuracy every run of a seed reached (the lowest of their best) on {time_phrase} "
                  f"({over}): "
-                 + ", ".join(f"{run} {_seconds(t)}" for run, t in medians.items()) + "."]
+                 + ", ".join(f"{run} {format_seconds(t)}" for run, t in medians.items()) + "."]
     sentences += [describe_band(band, f"{run} over {baseline}:") + "." for run, band in bands.items()]
+    return sentences, bands
+
+
+def describe_seeded_accuracy_race(epochs: pd.DataFrame, baseline: str, *, first_seed: int,
+                                  time_column: str = "wall_s") -> tuple[list[str], dict]:
+    """Sentences and {run: seed band} for a race to accuracy repeated per seed (epochs: run and seed columns): the
+    batches and final accuracies of `first_seed`'s runs, then describe_seeded_race's on `time_column`; on priced
+    time (priced_s) the seed bands on the wall clock follow, which other work on the machine moves."""
+    priced = time_column == "priced_s"
+    sentences, bands = describe_seeded_race(seeded_race(epochs, baseline, time_column=time_column), baseline,
+                                            time_phrase=PRICED_TIME_PHRASE if priced else "the wall clock")
+    sentences = describe_accuracy_race(epochs[epochs["seed"] == first_seed], noise=False)[:2] + sentences
+    if priced:
+        wall = describe_seeded_race(seeded_race(epochs, baseline), baseline, time_phrase="the wall clock")[0]
+        sentences.append("On the wall clock, which other work on the machine moves: " + " ".join(wall[1:]))
     return sentences, bands
 
 
 def describe_seeded_speedups(epochs: pd.DataFrame, baseline: str = "equal") -> tuple[list[str], dict]:
     """Sentence and {run: seed band} for each run's last-epoch samples/s over `baseline`'s, per seed (epochs needs
     run and seed columns; the last epoch, so that dbs is measured after its first re-split)."""
-    from .analysis import run_labels, seed_band
     last = epochs.sort_values("epoch").groupby(["seed", "run"], sort=False).tail(1)
     rates = last.pivot(index="seed", columns="run", values="samples_per_s")
     bands = {run: seed_band(rates[run] / rates[baseline]) for run in run_labels(epochs) if run != baseline}
@@ -246,7 +250,6 @@ def last_full_split(steps: pd.DataFrame) -> dict[str, list[int]]:
 def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Sequence[float],
                        emulated_sample_ms: float | None = None) -> dict[str, list[str]]:
     """Sentences for the heterogeneous notebook's rank_batches, balance_efficiency and speedup figures."""
-    from .analysis import ceiling_speedup, efficiency_table
     speeds = [1.0 / k for k in slowdown]
     ideal = [round(s / sum(speeds), 2) for s in speeds]
     splits = [f"{run} {split}" for run, split in last_full_split(steps).items()]
@@ -286,7 +289,6 @@ def describe_balancing(steps: pd.DataFrame, speedups: pd.DataFrame, slowdown: Se
 
 def describe_fit(steps: pd.DataFrame) -> list[str]:
     """Sentences for the fitted-step-time figure: how closely the model balancer's lines predict each rank."""
-    from .analysis import fitted_step_time_table
     table = fitted_step_time_table(steps)
     if table.empty:
         return ["No run used the model balancer."]

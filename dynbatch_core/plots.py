@@ -56,36 +56,47 @@ def _palette(labels: Sequence[str]) -> dict:
     return dict(zip(labels, sns.color_palette("colorblind" if len(labels) <= 10 else "tab20", len(labels))))
 
 
+@contextmanager
+def _per_run_figure(table: pd.DataFrame, *, runs: Sequence[str] | None = None, **subplots):
+    """The opening of every figure with one curve per run: inside the theme, plt.subplots(**subplots), and for each
+    run (default: run_labels(table), in order) its label, its rows of `table` and its colour.
+
+        with _per_run_figure(epochs, figsize=(8, 4.8)) as (fig, ax, curves):
+            for run, part, colour in curves:
+                ax.plot(part["wall_s"], part["train_loss"], color=colour, label=run)
+    """
+    runs = run_labels(table) if runs is None else list(runs)
+    colours = _palette(runs)
+    with _theme():
+        fig, axes = plt.subplots(**subplots)
+        yield fig, axes, [(run, table[table["run"] == run], colours[run]) for run in runs]
+
+
 def accuracy_vs_time(epochs: pd.DataFrame, *, title: str = "Test accuracy vs training time",
                      show_batch: bool = False, time_column: str = "wall_s", time_label: str = TIME_LABEL,
                      target: float | None = None) -> plt.Figure:
     """Test accuracy at the end of each epoch against cumulative training seconds, one curve per run.
 
     show_batch: add a panel with each run's global batch over time (and, for a single run, label each point).
-    time_column/time_label: another clock (e.g. critical_batch.with_emulated_time's emulated_s).
+    time_column/time_label: another kind of time (e.g. critical_batch.with_emulated_time's emulated_s).
     target: draw this accuracy as a dashed line (the level a time-to-target was measured against).
     """
-    runs = run_labels(epochs)
-    colours = _palette(runs)
-    with _theme():
-        if show_batch:
-            fig, (ax, ax_batch) = plt.subplots(2, 1, figsize=(8, 6.2), sharex=True,
-                                               gridspec_kw={"height_ratios": [3, 1.3]})
-        else:
-            fig, ax = plt.subplots(figsize=(8, 4.8))
-        for run in runs:
-            part = epochs[epochs["run"] == run]
-            ax.plot(part[time_column], part["test_acc"], marker="o", color=colours[run], label=run)
-            if show_batch and len(runs) == 1:  # with several runs the labels collide; the panel below shows B
+    panels = (dict(nrows=2, ncols=1, figsize=(8, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+              if show_batch else dict(figsize=(8, 4.8)))
+    with _per_run_figure(epochs, **panels) as (fig, axes, curves):
+        ax, ax_batch = axes if show_batch else (axes, None)
+        for run, part, colour in curves:
+            ax.plot(part[time_column], part["test_acc"], marker="o", color=colour, label=run)
+            if show_batch and len(curves) == 1:  # with several runs the labels collide; the panel below shows B
                 for x, y, batch in zip(part[time_column], part["test_acc"], part["global_batch"]):
                     ax.annotate(f"B={batch}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
-                                fontsize="x-small", color=colours[run],
+                                fontsize="x-small", color=colour,
                                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
                                       "alpha": 0.8})
             if show_batch:  # the batch holds from the start of its epoch (previous wall_s) to its end
                 starts = [0.0] + list(part[time_column])
                 ax_batch.step(starts, list(part["global_batch"]) + [part["global_batch"].iloc[-1]],
-                              where="post", color=colours[run], label=run)
+                              where="post", color=colour, label=run)
         if target is not None:
             ax.axhline(target, color="0.4", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_ylabel(ACCURACY_LABEL)
@@ -117,13 +128,9 @@ def loss_vs_time(epochs: pd.DataFrame, *, title: str = "Training loss vs trainin
 
     target_loss: draw it as a dashed line (the level `time_to_reach` measured against).
     """
-    runs = run_labels(epochs)
-    colours = _palette(runs)
-    with _theme():
-        fig, ax = plt.subplots(figsize=(8, 4.8))
-        for run in runs:
-            part = epochs[epochs["run"] == run]
-            ax.plot(part["wall_s"], part["train_loss"], marker="o", color=colours[run], label=run)
+    with _per_run_figure(epochs, figsize=(8, 4.8)) as (fig, ax, curves):
+        for run, part, colour in curves:
+            ax.plot(part["wall_s"], part["train_loss"], marker="o", color=colour, label=run)
         if target_loss is not None:
             ax.axhline(target_loss, color="0.4", linestyle="--", linewidth=1,
                        label=f"target loss {target_loss:.3g}")
@@ -185,16 +192,11 @@ def balance_efficiency_over_steps(steps: pd.DataFrame, *, title: str = "Balance 
 
     Efficiency = Σ_i compute_i / (n · max_i compute_i) (analysis.balance_efficiency): 1 = nobody waited.
     """
-    table = efficiency_table(steps)
-    runs = run_labels(table)
-    colours = _palette(runs)
-    with _theme():
-        fig, ax = plt.subplots(figsize=(8, 4.8))
-        for run in runs:
-            part = table[table["run"] == run]
-            ax.plot(part["step"], part["efficiency"], color=colours[run], alpha=0.25, linewidth=0.8)
+    with _per_run_figure(efficiency_table(steps), figsize=(8, 4.8)) as (fig, ax, curves):
+        for run, part, colour in curves:
+            ax.plot(part["step"], part["efficiency"], color=colour, alpha=0.25, linewidth=0.8)
             smooth = part["efficiency"].rolling(window, min_periods=1, center=True).mean()
-            ax.plot(part["step"], smooth, color=colours[run], linewidth=2, label=run)
+            ax.plot(part["step"], smooth, color=colour, linewidth=2, label=run)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(EFFICIENCY_LABEL)

@@ -13,6 +13,7 @@ call is in notebook_setup.py (folders, configs, summary JSON) and findings.py (s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Mapping, Sequence
 from .findings import CLASS_STUDY
 from .metrics import write_atomic
 from .notebook_setup import find_repo_root
+from .rundir import git_commit
 
 NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive")
 PARAMETER_SETS = ("report", "full", "defaults")
@@ -160,48 +162,71 @@ def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] =
     the top of the report, where no reader can miss it. parameter_set: the set this command ran (named even when
     no notebook of it succeeded)."""
     failed = dict(failed) if isinstance(failed, dict) else {notebook: "" for notebook in failed}
-    import nbformat
-    from .rundir import git_commit
-    sections, comparisons, total_s, parameter_sets = [], [], 0.0, {parameter_set} - {None}
-    commit, done = git_commit() or "unknown", 0
-    for notebook in NOTEBOOKS:
-        summary_path = out / "figures" / f"{notebook}__summary.json"
-        executed_path = out / "notebooks" / f"{notebook}.ipynb"
-        if notebook in failed or not summary_path.exists() or not executed_path.exists():
-            state = "failed" if notebook in failed else "not run"
-            reason = f": `{failed[notebook]}`" if failed.get(notebook) else ""
-            sections.append(f"## {notebook}\n\n*{state}*{reason} — see `{executed_path.relative_to(out)}`.\n")
-            continue
-        done += 1
-        summary = json.loads(summary_path.read_text())
-        executed = nbformat.read(str(executed_path), as_version=4)
-        meta = executed.metadata.get("dynbatch", {})
-        total_s += meta.get("seconds", 0.0)
-        parameter_set = meta.get("parameter_set", "?")
-        parameter_sets.add(parameter_set)
-        source = ("the notebook's defaults" if parameter_set == "defaults" else
-                  f"`notebooks/params/{parameter_set}/{notebook}.yaml`")
-        lines = [f"## {notebook}\n",
-                 f"Executed copy [`notebooks/{notebook}.ipynb`](notebooks/{notebook}.ipynb) of the repository's "
-                 f"`notebooks/{notebook}.ipynb` ({meta.get('seconds', float('nan')) / 60:.1f} min), parameters "
-                 f"from {source}, git commit `{summary.get('git_commit')}`.\n",
-                 f"Parameters: {_parameter_line(repo, notebook, executed)}.\n"]
-        for figure in summary["figures"]:
-            lines.append(f"### {figure['title']}\n\n![{figure['title']}](figures/{figure['png']})\n")
-            data = f"[`figures/{figure['csv']}`](figures/{figure['csv']})"
-            lines.append(" ".join(figure["findings"]) + f" Data: {data}.\n")
-        if summary.get("comparison"):
-            comparisons.append(f"- **{notebook}**: " + " ".join(summary["comparison"]))
-        sections.append("\n".join(lines))
+    sections = [_notebook_section(repo, out, notebook, failed) for notebook in NOTEBOOKS]
+    ran = [section for section in sections if section.ran]
+    parameter_sets = ({parameter_set} - {None}) | {section.parameter_set for section in ran}
+    head = _report_head(failed, parameter_sets, ran=len(ran), minutes=sum(s.seconds for s in ran) / 60,
+                        comparisons=[section.comparison for section in ran if section.comparison])
+    path = out / "REPORT.md"
+    text = "\n".join(head + [section.text for section in sections])
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    """One notebook's part of REPORT.md."""
+    text: str
+    ran: bool = False                 # its summary and executed copy are there, and it did not fail
+    seconds: float = 0.0              # the executed notebook's time
+    parameter_set: str | None = None  # the set it ran with
+    comparison: str | None = None     # its line under "Comparison with the class study"
+
+
+def _notebook_section(repo: Path, out: Path, notebook: str, failed: Mapping[str, str]) -> _Section:
+    """The notebook's section: each figure with its findings and data, from its summary JSON; or one line saying it
+    failed (with its error) or was not run."""
+    summary_path = out / "figures" / f"{notebook}__summary.json"
+    executed_path = out / "notebooks" / f"{notebook}.ipynb"
+    if notebook in failed or not summary_path.exists() or not executed_path.exists():
+        state = "failed" if notebook in failed else "not run"
+        reason = f": `{failed[notebook]}`" if failed.get(notebook) else ""
+        return _Section(f"## {notebook}\n\n*{state}*{reason} — see `{executed_path.relative_to(out)}`.\n")
+    import nbformat   # here, like the module's other notebook tooling: the CLI imports this module for every command
+    summary = json.loads(summary_path.read_text())
+    executed = nbformat.read(str(executed_path), as_version=4)
+    meta = executed.metadata.get("dynbatch", {})
+    parameter_set = meta.get("parameter_set", "?")
+    source = ("the notebook's defaults" if parameter_set == "defaults" else
+              f"`notebooks/params/{parameter_set}/{notebook}.yaml`")
+    lines = [f"## {notebook}\n",
+             f"Executed copy [`notebooks/{notebook}.ipynb`](notebooks/{notebook}.ipynb) of the repository's "
+             f"`notebooks/{notebook}.ipynb` ({meta.get('seconds', float('nan')) / 60:.1f} min), parameters "
+             f"from {source}, git commit `{summary.get('git_commit')}`.\n",
+             f"Parameters: {_parameter_line(repo, notebook, executed)}.\n"]
+    for figure in summary["figures"]:
+        lines.append(f"### {figure['title']}\n\n![{figure['title']}](figures/{figure['png']})\n")
+        data = f"[`figures/{figure['csv']}`](figures/{figure['csv']})"
+        lines.append(" ".join(figure["findings"]) + f" Data: {data}.\n")
+    comparison = f"- **{notebook}**: " + " ".join(summary["comparison"]) if summary.get("comparison") else None
+    return _Section("\n".join(lines), ran=True, seconds=meta.get("seconds", 0.0), parameter_set=parameter_set,
+                    comparison=comparison)
+
+
+def _report_head(failed: Mapping[str, str], parameter_sets: set[str], *, ran: int, minutes: float,
+                 comparisons: Sequence[str]) -> list[str]:
+    """The top of REPORT.md: the failed notebooks first, then how it was written, then the comparison with the
+    class study."""
+    commit = git_commit() or "unknown"
     alarm = [f"**{len(failed)} notebook(s) FAILED; this report is incomplete:**\n\n"
              + "\n".join(f"- `{notebook}`" + (f": `{line}`" if line else "") for notebook, line in failed.items())
              + "\n"] if failed else []
-    head = [
+    return [
         "# dynbatch report\n", *alarm,
         f"Written by `python -m dynbatch_core report --params {'/'.join(sorted(parameter_sets)) or '?'}` on "
         f"{datetime.date.today().isoformat()} at git commit `{commit}`"
         + (" (`-dirty`: from uncommitted changes on top of that commit)" if commit.endswith("-dirty") else "")
-        + f"; {done} of {len(NOTEBOOKS)} notebooks, {total_s / 60:.1f} min of notebook time on {_machine()}. "
+        + f"; {ran} of {len(NOTEBOOKS)} notebooks, {minutes:.1f} min of notebook time on {_machine()}. "
         "Each figure's data is the CSV next to it; the executed notebooks are in `notebooks/`. Times are training "
         "seconds (evaluation excluded); where other work shares the CPU they are noisy, and the notebooks say how "
         "noisy where it matters.\n",
@@ -212,10 +237,6 @@ def write_report(repo: Path, out: Path, failed: dict[str, str] | Sequence[str] =
         if parameter_sets == {"full"} else
         "\nScale matters: these are CPU runs on subsets with small ResNets; the `full` parameter set repeats them at "
         "the class study's scale on GPUs.\n"]
-    path = out / "REPORT.md"
-    text = "\n".join(head + sections)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    return path
 
 
 def _parameter_line(repo: Path, notebook: str, executed) -> str:
@@ -238,14 +259,3 @@ def _machine() -> str:
     gpus = visible_gpus()
     device = f"{gpus} GPU(s)" if gpus else "no GPU"
     return f"{cpu_cores()} CPU cores, {device}, Python {platform.python_version()}, torch {torch.__version__}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dynbatch_core.report [flags]`: the same as `python -m dynbatch_core report [flags]`."""
-    parser = argparse.ArgumentParser(prog="python -m dynbatch_core.report")
-    add_report_parser(parser.add_subparsers(dest="command"))
-    return main_report(parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

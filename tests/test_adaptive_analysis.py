@@ -1,14 +1,86 @@
-"""The adaptive notebook's analysis on known numbers: the critical batch fit, the emulated clock, the verdict, and
-precise batch-norm statistics (what makes a large batch's test accuracy comparable)."""
+"""The adaptive notebook's analysis on known numbers: the run plan, the critical batch fit, the emulated timeline, the
+verdict, and precise batch-norm statistics (what makes a large batch's test accuracy comparable)."""
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from dynbatch_core.adaptive_findings import batch_changes, describe_verdict, goodput_verdict
-from dynbatch_core.critical_batch import emulated_clock, fit_critical_batch, noise_scale_at, with_emulated_time
+from dynbatch_core import RunConfig, scaled_lr
+from dynbatch_core.adaptive_findings import (batch_changes, describe_verdict, fixed_schedules, goodput_verdict,
+                                             measured_race, moving_runs, race_plan, slow_rank_labels)
+from dynbatch_core.critical_batch import (emulated_timeline, fit_critical_batch, noise_at_target, noise_scale_at,
+                                          static_sweep, with_emulated_time)
 from dynbatch_core.evaluation import recompute_batch_norm
+from dynbatch_core.metrics import RunResult
+
+
+def _plan():
+    return race_plan([16, 128], {"increasing": 16, "loss-plateau": 64}, goodput_batch=32, lr=0.05,
+                     lr_reference_batch=64, decide_every=5, goodput_threshold=0.05)
+
+
+def test_the_race_plan_names_each_runs_kind_and_gives_every_run_the_lr_the_notebook_gave_it_before():
+    plans, kinds = _plan()
+    assert kinds == {"static 16": "static", "static 128": "static", "increasing": "class", "loss-plateau": "class",
+                     "goodput": "goodput", "goodput adascale": "variant"}
+    assert list(plans) == list(kinds) and slow_rank_labels(kinds) == ["static 16", "static 128", "goodput"]
+    for label in ("static 16", "static 128", "increasing", "loss-plateau", "goodput"):
+        fields = plans[label]
+        assert fields["lr_scaling"] == "linear" and fields["lr_reference_batch"] == 64
+        # the notebook's old lr_at(B) = lr * B / 64 at the run's first batch, to the bit (power-of-two ratios)
+        assert scaled_lr(fields["lr"], fields["initial_batch"], 64, "linear") == 0.05 * fields["initial_batch"] / 64
+    adascale = plans["goodput adascale"]   # AdaScale's B_0 is its reference batch: its own initial batch, as before
+    assert adascale["lr_scaling"] == "adascale" and adascale["lr_reference_batch"] == adascale["initial_batch"] == 32
+    assert adascale["lr"] == 0.05 * 32 / 64
+    assert plans["goodput"]["schedule"] == "goodput" and plans["goodput"]["decide_every"] == 5
+    for fields in plans.values():
+        RunConfig.from_dict(fields)   # every key is a RunConfig field
+
+
+def _result(batches, steps=None):
+    epochs = pd.DataFrame({"epoch": range(len(batches)), "global_batch": batches})
+    return RunResult(Path("unused"), {}, steps if steps is not None else pd.DataFrame(), epochs)
+
+
+def test_the_runs_whose_b_moves_come_goodput_first_and_the_fixed_schedules_are_what_the_parameters_imply():
+    plans, kinds = _plan()
+    runs = {label: _result([16, 32]) for label in plans}
+    slow = {"static 16": _result([16]), "goodput": _result([32])}
+    moving = moving_runs(runs, kinds, slow_runs=slow, slowdown=[1, 3])
+    assert list(moving) == ["goodput", "goodput adascale", "increasing", "loss-plateau", "goodput, slowdown [1, 3]"]
+    assert moving["goodput, slowdown [1, 3]"] is slow["goodput"]
+    assert list(fixed_schedules(runs, kinds)) == ["static 16", "static 128", "increasing"]  # not loss-plateau
+
+
+def test_the_measured_race_is_one_seeds_runs_with_goodputs_run_swapped_for_the_cpu_one(monkeypatch):
+    plans, kinds = _plan()
+    results = {(label, seed): _result([16]) for seed in (0, 1) for label in plans}
+    cpu = _result([32])
+    seen = {}
+    monkeypatch.setattr("dynbatch_core.adaptive_findings.race_table",
+                        lambda runs, kinds, target: seen.update(runs=runs, target=target))
+    measured_race(results, cpu, kinds, seed=1, target=0.5)
+    assert list(seen["runs"]) == [(label, 1) for label in plans] and seen["target"] == 0.5
+    assert seen["runs"]["goodput", 1] is cpu and seen["runs"]["goodput adascale", 1] is results["goodput adascale", 1]
+
+
+def test_the_sweep_takes_each_static_batchs_median_over_seeds_and_the_noise_scale_the_median_at_the_target():
+    race = pd.DataFrame({"run": ["static 16", "static 16", "static 64", "static 64", "goodput"],
+                         "kind": ["static", "static", "static", "static", "goodput"], "seed": [0, 1, 0, 1, 0],
+                         "batch": [16, 16, 64, 64, 32], "samples": [100.0, 300.0, 50.0, math.nan, 10.0]})
+    sweep = static_sweep(race)
+    assert sweep["batch"].tolist() == [16, 64] and sweep["samples"].tolist() == [200.0, 50.0]
+    epochs = pd.DataFrame({"samples": [100, 100, 100], "noise_scale": [10.0, 20.0, 40.0]})  # 100, 200, 300 seen
+    results = {("static 16", 0): _result([16, 16, 16]), ("static 16", 1): _result([16, 16, 16]),
+               ("static 64", 0): _result([64, 64, 64]), ("static 64", 1): _result([64, 64, 64])}
+    for result in results.values():
+        result.epochs = epochs
+    # reached at 100 (epoch 0: 10), 300 (epoch 2: 40), 50 (epoch 0: 10); never (NaN) is left out; goodput is no static
+    assert noise_at_target(race, results) == 10.0
+    assert math.isnan(noise_at_target(race[race["kind"] == "goodput"], results))
 
 
 def test_the_fit_recovers_a_known_critical_batch_from_mccandlish_steps():
@@ -17,6 +89,7 @@ def test_the_fit_recovers_a_known_critical_batch_from_mccandlish_steps():
     fit = fit_critical_batch(batches, samples)
     assert fit.critical_batch == pytest.approx(200, rel=1e-9) and fit.min_steps == pytest.approx(100, rel=1e-9)
     assert fit.min_samples == pytest.approx(20000, rel=1e-9) and fit.steps_at(50) == pytest.approx(500)
+    assert fit.steps_at(np.array([50.0, 200.0])) == pytest.approx([500, 200])   # the figure's curve, per B
 
 
 def test_batches_that_never_reached_the_target_are_left_out_and_too_few_give_nan():
@@ -34,12 +107,12 @@ def _steps(rows):
     return pd.DataFrame(rows, columns=["epoch", "step", "rank", "global_batch", "compute_s"])
 
 
-def test_the_emulated_clock_adds_the_slowest_rank_of_every_step():
+def test_the_emulated_timeline_adds_the_slowest_rank_of_every_step():
     steps = _steps([(0, 0, 0, 16, 0.02), (0, 0, 1, 16, 0.05), (0, 1, 0, 32, 0.04), (0, 1, 1, 32, 0.03),
                     (1, 2, 0, 32, 0.01), (1, 2, 1, 32, 0.02)])
-    clock = emulated_clock(steps)
-    assert clock["emulated_s"].tolist() == pytest.approx([0.05, 0.09, 0.11])
-    assert clock["global_batch"].tolist() == [16, 32, 32]
+    timeline = emulated_timeline(steps)
+    assert timeline["emulated_s"].tolist() == pytest.approx([0.05, 0.09, 0.11])
+    assert timeline["global_batch"].tolist() == [16, 32, 32]
     epochs = pd.DataFrame({"epoch": [0, 1], "samples": [48, 32], "noise_scale": [10.0, 30.0]})
     assert with_emulated_time(epochs, steps)["emulated_s"].tolist() == pytest.approx([0.09, 0.11])
     assert noise_scale_at(epochs, 60) == 30.0 and noise_scale_at(epochs, 40) == 10.0

@@ -4,9 +4,10 @@ import math
 import pandas as pd
 import pytest
 
-from dynbatch_core.analysis import (balance_efficiency, ceiling_speedup, efficiency_table, ideal_split,
-                                    oscillation, priced_time, runnable_ranks, seed_band, seeded_race, settle_step,
-                                    slowdown_segments, speedup_table, step_times, steady_throughput, time_to_reach)
+from dynbatch_core.analysis import (balance_efficiency, balancer_table, ceiling_speedup, efficiency_table,
+                                    ideal_split, of_seed, oscillation, priced_time, runnable_ranks, seed_band,
+                                    seeded_race, settle_step, slowdown_segments, slowdown_sweep, speedup_table,
+                                    step_times, steady_throughput, tag_runs, time_to_reach)
 from dynbatch_core.findings import describe_band
 
 
@@ -131,6 +132,38 @@ def test_time_to_reach_interpolates_between_epoch_ends_and_is_nan_when_never_rea
     assert reach.loc["a", "time_s"] == pytest.approx(25.0)
     assert reach.loc["a", "samples"] == pytest.approx(250.0)
     assert math.isnan(reach.loc["b", "time_s"])
+
+
+class _Run:
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+
+def test_tag_runs_puts_run_first_and_a_seed_after_it_for_runs_repeated_per_seed():
+    one = pd.DataFrame({"epoch": [0, 1], "test_acc": [0.5, 0.6]})
+    table = tag_runs({"static": one, "pid": one.iloc[:1]})
+    assert list(table.columns) == ["run", "epoch", "test_acc"] and table["run"].tolist() == ["static", "static", "pid"]
+    seeded = {("equal", 0): _Run(one), ("equal", 1): _Run(one.iloc[:1])}
+    table = tag_runs(seeded, table="epochs", balancer={("equal", 0): "equal", ("equal", 1): "equal"})
+    assert list(table.columns) == ["run", "seed", "balancer", "epoch", "test_acc"]
+    assert table[["run", "seed"]].values.tolist() == [["equal", 0], ["equal", 0], ["equal", 1]]
+    assert list(of_seed(seeded, 1)) == ["equal"] and of_seed(seeded, 1)["equal"] is seeded["equal", 1]
+
+
+def test_the_sweep_replaces_the_slowest_ranks_factor_and_its_runs_feed_the_speedup_table():
+    sweep = slowdown_sweep(["equal", "dbs"], [1, 3], [2, 4.5])
+    assert sweep == {"equal k=2": ("equal", [1, 2]), "dbs k=2": ("dbs", [1, 2]),
+                     "equal k=4.5": ("equal", [1, 4.5]), "dbs k=4.5": ("dbs", [1, 4.5])}
+    rates = {"equal": 100.0, "dbs": 180.0, "equal k=2": 100.0, "dbs k=2": 140.0, "equal k=4.5": 100, "dbs k=4.5": 1}
+    runs = {label: _Run(pd.DataFrame({"epoch": [0, 1], "samples_per_s": [1.0, rate]})) for label, rate in rates.items()}
+    epochs = balancer_table(runs, [1, 3], sweep, table="epochs")
+    last = epochs.groupby("run", sort=False).tail(1).set_index("run")
+    assert last.loc["dbs", ["balancer", "slowest", "slowdown"]].tolist() == ["dbs", 3, "1,3"]
+    assert last.loc["dbs k=4.5", ["balancer", "slowest", "slowdown"]].tolist() == ["dbs", 4.5, "1,4.5"]
+    table = speedup_table(epochs)
+    assert table[["slowest", "balancer"]].values.tolist() == [[2, "equal"], [2, "dbs"], [3, "equal"], [3, "dbs"],
+                                                               [4.5, "equal"], [4.5, "dbs"]]
+    assert table["speedup"].tolist() == pytest.approx([1.0, 1.4, 1.0, 1.8, 1.0, 0.01])
 
 
 def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
