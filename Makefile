@@ -29,4 +29,4 @@ smoke:
 	$(PYTHON) -m pytest tests/test_notebooks.py
 
 strip-notebooks:
-	$(PYTHON) -c "from dynbatch_core.report import strip_outputs; print(*strip_outputs(), sep='\n')"
+	$(PYTHON) -c "from dynbatch_core.study.report import strip_outputs; print(*strip_outputs(), sep='\n')"

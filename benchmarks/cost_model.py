@@ -40,9 +40,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core import RunConfig, run  # noqa: E402
-from dynbatch_core import analysis  # noqa: E402
-from dynbatch_core import plots  # noqa: E402
-from dynbatch_core.cost_model import AffineCost, min_max_split  # noqa: E402
+from dynbatch_core.study import analysis  # noqa: E402
+from dynbatch_core.study import plots  # noqa: E402
+from dynbatch_core.batching.cost_model import AffineCost, min_max_split  # noqa: E402
 
 BATCH = 128
 RESOLUTION_PART = "real [1,3]"  # the part whose sweep measures the timing resolution (2 ranks)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core import RunConfig, run  # noqa: E402
-from dynbatch_core import analysis, plots  # noqa: E402
+from dynbatch_core.study import analysis, plots  # noqa: E402
 
 BALANCERS = ("equal", "dbs", "pid", "model")
 TOLERANCE = 0.05        # settled: every |b_i - target_i| <= 5 % of B/n
@@ -176,7 +176,7 @@ def add_ratios(summary: pd.DataFrame, acc_target: float, runs: dict) -> pd.DataF
 
 
 def plot_figures(summary: pd.DataFrame, steps: pd.DataFrame, out_dir: Path, setting: str) -> list[Path]:
-    """Through dynbatch_core.plots, the notebooks' figures: per main scenario the per-rank batches (ideal b ∝ 1/k
+    """Through dynbatch_core.study.plots, the notebooks' figures: per main scenario the per-rank batches (ideal b ∝ 1/k
     dotted) and the balance efficiency of each balancer; the 2-rank speed-up against k."""
     import matplotlib
     matplotlib.use("Agg")

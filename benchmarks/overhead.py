@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dynbatch_core.data import collate_batch, load_datasets  # noqa: E402
-from dynbatch_core.ddp_step import ddp_train_step, wrap_ddp  # noqa: E402
-from dynbatch_core.distributed import (LoopbackStore, exit_without_teardown, init_process_group,  # noqa: E402
+from dynbatch_core.engine.ddp_step import ddp_train_step, wrap_ddp  # noqa: E402
+from dynbatch_core.engine.distributed import (LoopbackStore, exit_without_teardown, init_process_group,  # noqa: E402
                                       threads_per_rank)
-from dynbatch_core.loader import planned_loader  # noqa: E402
+from dynbatch_core.engine.loader import planned_loader  # noqa: E402
 from dynbatch_core.models import build_model  # noqa: E402
-from dynbatch_core.sampler import DynamicBatchSampler  # noqa: E402
-from dynbatch_core.step import GradientSync, train_step  # noqa: E402
+from dynbatch_core.engine.sampler import DynamicBatchSampler  # noqa: E402
+from dynbatch_core.engine.step import GradientSync, train_step  # noqa: E402
 
 LOOPS = ("plain DDP", "dynbatch DDP", "dynbatch explicit")
 

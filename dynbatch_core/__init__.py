@@ -4,25 +4,29 @@
     result = run(RunConfig(dataset="mnist", world_size=2, epochs=1, train_samples=2048))
     result.epochs
 
-Drop-in pieces for your own DDP loop: DynamicBatchSampler (sampler.py), uneven_batch_loss and GradientSync
-(step.py), wrap_ddp (ddp_step.py), planned_loader (loader.py), the balancers (balancers.py) and schedules (schedules.py), decided_by_rank0 (agreement.py).
+Three layers (README, Layout): batching/ (pure decisions: schedules, balancers, goodput, noise scale, LR rules),
+engine/ (the ranks: sampler, loader, exact step, training loop, launch), study/ (tables, figures, findings, the
+report), on top of config.py, records.py, models.py and data.py. Drop-in pieces for your own DDP loop, all
+importable from here: DynamicBatchSampler and epoch_order (engine/sampler.py), uneven_batch_loss and GradientSync
+(engine/step.py), wrap_ddp and exchange_measurements (engine/ddp_step.py), planned_loader and prefetch_depth
+(engine/loader.py), decided_by_rank0 (engine/agreement.py), the balancers and schedules (batching/).
 """
-from .agreement import check_ranks_agree, decided_by_rank0
-from .balancer_base import Balancer, largest_remainder_split
-from .balancers import BALANCERS, build_balancer
+from .batching.balancer_base import Balancer, largest_remainder_split
+from .batching.balancers import BALANCERS, build_balancer
+from .batching.lr import scaled_lr
+from .batching.schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
 from .config import RunConfig
-from .validation import validate_config
 from .data import DATASET_NAMES, load_datasets
-from .metrics import RunResult, read_run
 from .models import MODEL_NAMES, build_model
-from .sampler import DynamicBatchSampler, epoch_order
-from .lr import scaled_lr
-from .schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
-from .step import GradientSync, train_step, uneven_batch_loss
-from .ddp_step import exchange_measurements, wrap_ddp
-from .loader import planned_loader, prefetch_depth
-from .launch import RunFailed, RunInterrupted, run
-from .distributed import exit_without_teardown
+from .records import RunResult, read_run
+from .engine.agreement import check_ranks_agree, decided_by_rank0
+from .engine.ddp_step import exchange_measurements, wrap_ddp
+from .engine.distributed import exit_without_teardown
+from .engine.launch import RunFailed, RunInterrupted, run
+from .engine.loader import planned_loader, prefetch_depth
+from .engine.sampler import DynamicBatchSampler, epoch_order
+from .engine.step import GradientSync, train_step, uneven_batch_loss
+from .engine.validation import validate_config
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
            "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",

@@ -39,10 +39,10 @@ def _scalar_type(annotation: str):
 
 
 def _names_epilog() -> str:
-    from .balancers import BALANCERS
+    from .batching.balancers import BALANCERS
     from .data import DATASET_NAMES
     from .models import MODEL_NAMES
-    from .schedules import SCHEDULES
+    from .batching.schedules import SCHEDULES
     return (f"models: {', '.join(MODEL_NAMES)}\ndatasets: {', '.join(DATASET_NAMES)}\n"
             f"schedules: {', '.join(SCHEDULES)}\nbalancers: {', '.join(BALANCERS)}\n"
             "data: --data-dir DIR or $DYNBATCH_DATA (a folder with mnist.npz / cifar10.npz), else the embedded "
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one run (spawns --world-size ranks, or joins torchrun's)",
                                 formatter_class=_DefaultsFormatter, epilog=_names_epilog())
     add_config_flags(train)
-    from .report import add_report_parser
+    from .study.report import add_report_parser
     add_report_parser(commands)
     return parser
 
@@ -105,11 +105,11 @@ def _explicit_flags(argv: list[str] | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
-        from .report import main_report
+        from .study.report import main_report
         return main_report(args)
     from .config import stored_config
-    from .distributed import exit_without_teardown, launched_by_torchrun
-    from .launch import RunFailed, RunInterrupted, run, train_under_torchrun
+    from .engine.distributed import exit_without_teardown, launched_by_torchrun
+    from .engine.launch import RunFailed, RunInterrupted, run, train_under_torchrun
     try:
         if args.resume is not None:
             config = dataclasses.replace(stored_config(args.resume), **_explicit_flags(argv))

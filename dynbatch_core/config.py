@@ -1,6 +1,6 @@
 """The configuration of one training run: one frozen dataclass, its (de)serialisation, and what it gives the
 batching policies (the global batch's bounds, each schedule's and balancer's options). Checking it is
-validation.py's job.
+engine/validation.py's job.
 
     config = RunConfig(dataset="mnist", model="resnet20", world_size=2, epochs=2, train_samples=8192)
     RunConfig.from_dict(json.loads(text)); stored_config("runs/<run>")   # from config.json
@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .balancers import BALANCERS
-from .schedules import SCHEDULES
+from .batching.balancers import BALANCERS
+from .batching.schedules import SCHEDULES
 
 
 def _opt(default, help: str, **extra):

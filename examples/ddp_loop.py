@@ -125,5 +125,5 @@ def max_difference_from_one_process(trained_model: nn.Module, dataset: Blobs, st
 
 if __name__ == "__main__":
     # os._exit instead of sys.exit: torch 2.14.1's gloo can abort a process while Python tears it down after
-    # destroy_process_group, which torchrun would report as a failed worker (dynbatch_core.distributed explains)
+    # destroy_process_group, which torchrun would report as a failed worker (dynbatch_core.engine.distributed explains)
     exit_without_teardown(main())

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dynbatch_core import RunConfig, scaled_lr
-from dynbatch_core.adaptive_findings import (batch_changes, describe_verdict, fixed_schedules, goodput_verdict,
+from dynbatch_core.study.adaptive_findings import (batch_changes, describe_verdict, fixed_schedules, goodput_verdict,
                                              measured_race, moving_runs, race_plan, slow_rank_labels)
-from dynbatch_core.critical_batch import (emulated_timeline, fit_critical_batch, noise_at_target, noise_scale_at,
+from dynbatch_core.study.critical_batch import (emulated_timeline, fit_critical_batch, noise_at_target, noise_scale_at,
                                           static_sweep, with_emulated_time)
-from dynbatch_core.evaluation import recompute_batch_norm
-from dynbatch_core.metrics import RunResult
+from dynbatch_core.engine.evaluation import recompute_batch_norm
+from dynbatch_core.records import RunResult
 
 
 def _plan():
@@ -60,7 +60,7 @@ def test_the_measured_race_is_one_seeds_runs_with_goodputs_run_swapped_for_the_c
     results = {(label, seed): _result([16]) for seed in (0, 1) for label in plans}
     cpu = _result([32])
     seen = {}
-    monkeypatch.setattr("dynbatch_core.adaptive_findings.race_table",
+    monkeypatch.setattr("dynbatch_core.study.adaptive_findings.race_table",
                         lambda runs, kinds, target: seen.update(runs=runs, target=target))
     measured_race(results, cpu, kinds, seed=1, target=0.5)
     assert list(seen["runs"]) == [(label, 1) for label in plans] and seen["target"] == 0.5

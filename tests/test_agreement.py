@@ -2,7 +2,7 @@
 import pytest
 
 from dynbatch_core import RunConfig, build_schedule, run
-from dynbatch_core.schedules import EpochSummary
+from dynbatch_core.batching.schedules import EpochSummary
 
 pytestmark = pytest.mark.slow
 

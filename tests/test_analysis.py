@@ -4,11 +4,11 @@ import math
 import pandas as pd
 import pytest
 
-from dynbatch_core.analysis import (balance_efficiency, balancer_table, ceiling_speedup, efficiency_table,
+from dynbatch_core.study.analysis import (balance_efficiency, balancer_table, ceiling_speedup, efficiency_table,
                                     ideal_split, of_seed, oscillation, priced_time, runnable_ranks, seed_band,
                                     seeded_race, settle_step, slowdown_segments, slowdown_sweep, speedup_table,
                                     step_times, steady_throughput, tag_runs, time_to_reach)
-from dynbatch_core.findings import describe_band
+from dynbatch_core.study.findings import describe_band
 
 
 def steps_table(rows):
@@ -176,7 +176,7 @@ def test_speedup_table_divides_last_epoch_throughput_by_the_equal_split():
 
 
 def test_rank_legend_takes_each_ranks_factors_from_the_first_run_that_has_it():
-    from dynbatch_core import plots
+    from dynbatch_core.study import plots
     two = pd.DataFrame({"run": "2 ranks", "step": [0, 0, 1, 1], "rank": [0, 1, 0, 1], "rank_batch": [8, 8, 12, 4],
                         "slowdown": [1.0, 1.0, 1.0, 3.0]})
     four = pd.DataFrame({"run": "4 ranks", "step": 0, "rank": [0, 1, 2, 3], "rank_batch": 4,

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from dynbatch_core.balancer_base import largest_remainder_split
-from dynbatch_core.balancers import BALANCERS, build_balancer
+from dynbatch_core.batching.balancer_base import largest_remainder_split
+from dynbatch_core.batching.balancers import BALANCERS, build_balancer
 
 
 def test_weights_3_13_split_16_exactly():

@@ -1,7 +1,7 @@
 """Checkpoint pruning on folders made on disk: a partial folder of a failed attempt never displaces a published one."""
 import json
 
-from dynbatch_core.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
+from dynbatch_core.engine.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 
 
 def make_folder(root, step, complete=True):

@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dynbatch_core.agreement import check_ranks_agree
-from dynbatch_core.checkpoint import save_checkpoint
-from dynbatch_core.distributed import agree_on_round, exit_without_teardown
-from dynbatch_core.elastic import newest_checkpoint
-from dynbatch_core.step import GradientSync, StepOptions, train_step
-from dynbatch_core.evaluation import average_buffers, recompute_batch_norm
-from dynbatch_core.sampler import DynamicBatchSampler
+from dynbatch_core.engine.agreement import check_ranks_agree
+from dynbatch_core.engine.checkpoint import save_checkpoint
+from dynbatch_core.engine.distributed import agree_on_round, exit_without_teardown
+from dynbatch_core.engine.elastic import newest_checkpoint
+from dynbatch_core.engine.step import GradientSync, StepOptions, train_step
+from dynbatch_core.engine.evaluation import average_buffers, recompute_batch_norm
+from dynbatch_core.engine.sampler import DynamicBatchSampler
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def disagreeing_order(rank: int, world_size: int):
     sampler = DynamicBatchSampler(1000, rank=rank, world_size=world_size, seed=0 if rank == 0 else 1)
     sampler.seed = 0   # same settings everywhere; rank 1's order differs as another torch build's would
     if rank == 1:
-        import dynbatch_core.sampler as module
+        import dynbatch_core.engine.sampler as module
         original = module.epoch_order
         module.epoch_order = lambda n, seed, epoch, shuffle=True: original(n, seed + 1, epoch, shuffle)
     check_ranks_agree({"global batch": 64, "sample order": sampler.order_fingerprint()}, where="at the start of epoch 1")

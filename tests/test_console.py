@@ -1,5 +1,6 @@
 """Where a run's messages go: a terminal's stderr, but a Jupyter kernel's stdout (stderr is drawn as an error)."""
-from dynbatch_core import RunInterrupted, console
+from dynbatch_core import RunInterrupted
+from dynbatch_core.engine import console
 
 
 def test_log_lines_go_to_stderr_in_a_terminal_and_to_stdout_for_ranks_of_a_notebook(capsys, monkeypatch):

@@ -7,8 +7,8 @@ import statistics
 import pytest
 import torch
 
-from dynbatch_core.balancers import build_balancer
-from dynbatch_core.cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s
+from dynbatch_core.batching.balancers import build_balancer
+from dynbatch_core.batching.cost_model import AffineCost, fit_affine, min_max_split, predicted_step_s
 
 
 def brute_force_best(total, lines, min_size, max_size):

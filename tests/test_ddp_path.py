@@ -11,8 +11,8 @@ import torch
 from conftest import processes_with_environment
 from dynbatch_core import RunConfig, RunFailed, run
 from dynbatch_core.data import collate_batch, load_datasets
-from dynbatch_core.loader import planned_loader, prefetch_depth
-from dynbatch_core.sampler import DynamicBatchSampler
+from dynbatch_core.engine.loader import planned_loader, prefetch_depth
+from dynbatch_core.engine.sampler import DynamicBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dynbatch_core import RunConfig, RunFailed, run
-from dynbatch_core.checkpoint import latest_checkpoint, load_checkpoint
+from dynbatch_core.engine.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow
 SAMPLES = 512
@@ -64,7 +64,7 @@ def test_the_checkpoint_is_one_file_whatever_the_number_of_ranks(tmp_path):
 
 
 def test_an_old_per_rank_checkpoint_is_refused_in_one_line(tmp_path):
-    from dynbatch_core.validation import validate_config
+    from dynbatch_core.engine.validation import validate_config
     result = run(config(tmp_path, "old", epochs=1, checkpoint_every=0))
     folder, _ = latest_checkpoint(result.run_dir)
     (folder / "state.pt").rename(folder / "rank0.pt")

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from dynbatch_core.faults import InjectedFault
+from dynbatch_core.engine.faults import InjectedFault
 
 
 def test_a_fault_variable_without_the_test_switch_is_ignored_with_a_warning(monkeypatch):

@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from dynbatch_core.analysis import PRICED_TIME_PHRASE, schedule_race, timing_spread
-from dynbatch_core.findings import describe_schedule_race, format_seconds, timing_noise
+from dynbatch_core.study.analysis import PRICED_TIME_PHRASE, schedule_race, timing_spread
+from dynbatch_core.study.findings import describe_schedule_race, format_seconds, timing_noise
 
 
 def race_epochs(static_rate: float = 64.0) -> pd.DataFrame:

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from dynbatch_core.goodput import EXPLORE_STEPS, GoodputRule
-from dynbatch_core.noise_scale import NoiseEstimate, NoiseScaleSmoother
+from dynbatch_core.batching.goodput import EXPLORE_STEPS, GoodputRule
+from dynbatch_core.batching.noise_scale import NoiseEstimate, NoiseScaleSmoother
 
 
 NOISE = NoiseEstimate(gradient_sq=1.0, trace=256.0)   # B_simple = 256
@@ -78,7 +78,7 @@ def test_under_timing_noise_it_does_not_flap():
 def test_with_a_slow_rank_it_prices_each_batch_at_the_balanced_split_not_the_split_it_saw():
     """Rank 1 is 3x slower (fixed cost included). The rule only ever sees the equal split, where rank 1 sets every
     step's time; it must still price B at the best split of the fitted per-rank lines."""
-    from dynbatch_core.cost_model import AffineCost, min_max_split, predicted_step_s
+    from dynbatch_core.batching.cost_model import AffineCost, min_max_split, predicted_step_s
     lines = [AffineCost(0.020, 0.0005), AffineCost(0.060, 0.0015)]
     rule = GoodputRule(initial_batch=32, min_batch=16, max_batch=512, decide_every=20)
 
@@ -133,7 +133,7 @@ def test_a_restored_rule_decides_like_the_original():
 
 
 def test_the_adascale_gain_runs_from_one_without_noise_to_linear_scaling_in_pure_noise():
-    from dynbatch_core.lr import adascale_gain
+    from dynbatch_core.batching.lr import adascale_gain
     assert adascale_gain(0.001, 256, 32) == pytest.approx(1.0, abs=1e-3)      # no noise: a larger B buys nothing
     assert adascale_gain(1e9, 256, 32) == pytest.approx(256 / 32, rel=1e-6)   # all noise: linear scaling
     assert adascale_gain(64.0, 128, 32) == pytest.approx((64 / 32 + 1) / (64 / 128 + 1))

@@ -9,14 +9,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
-import dynbatch_core.distributed as distributed
+import dynbatch_core.engine.distributed as distributed
 from dynbatch_core import RunConfig
-from dynbatch_core.elastic import ResumeState, check_nothing_lost, record_published
-from dynbatch_core.loader import planned_loader, prefetch_depth
+from dynbatch_core.engine.elastic import ResumeState, check_nothing_lost, record_published
+from dynbatch_core.engine.loader import planned_loader, prefetch_depth
 from dynbatch_core.models import build_model
-from dynbatch_core.sampler import DynamicBatchSampler
-from dynbatch_core.step import GradientSync, StepOptions, micro_batch_count, micro_batches, train_step
-from dynbatch_core.validation import check_same_computation, validate_config
+from dynbatch_core.engine.sampler import DynamicBatchSampler
+from dynbatch_core.engine.step import GradientSync, StepOptions, micro_batch_count, micro_batches, train_step
+from dynbatch_core.engine.validation import check_same_computation, validate_config
 
 
 # --- the step -------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_wrap_ddp_refuses_compiled_autograds_python_reducer(monkeypatch):
     """In that mode DDP calls comm hooks per parameter with a (grad, param) tuple: the summing hook crashed with
     AttributeError mid-backward; now one line before DDP is built."""
     import torch._dynamo
-    from dynbatch_core.ddp_step import summing_hook, wrap_ddp
+    from dynbatch_core.engine.ddp_step import summing_hook, wrap_ddp
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", "python_reducer")
     with pytest.raises(ValueError, match="needs DDP's C\\+\\+ reducer, not compiled autograd's Python reducer"):
         wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"))

@@ -1,7 +1,7 @@
 """SlowdownPlan: static slowdowns, inline traces, CSV traces, and the one-line errors for bad ones."""
 import pytest
 
-from dynbatch_core.hetero import SlowdownPlan
+from dynbatch_core.engine.emulation import SlowdownPlan
 
 
 def test_no_slowdown_means_every_rank_at_full_speed_forever():

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from conftest import rank_processes
 from dynbatch_core import RunConfig, run
-from dynbatch_core.distributed import LoopbackStore
+from dynbatch_core.engine.distributed import LoopbackStore
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_every_listener_of_a_two_rank_cli_run_is_on_loopback(tmp_path):
 
 def test_a_spawned_rank_pins_gloo_and_nccl_to_the_loopback_interface(monkeypatch):
     """Whatever the hostname resolves to (here it resolves to 127.0.0.1, so the listener test alone cannot tell)."""
-    from dynbatch_core.distributed import init_process_group
+    from dynbatch_core.engine.distributed import init_process_group
     for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         monkeypatch.setenv(variable, "unset")  # so that monkeypatch restores the environment afterwards
         monkeypatch.delenv(variable)
@@ -90,7 +90,7 @@ def test_a_spawned_rank_pins_gloo_and_nccl_to_the_loopback_interface(monkeypatch
 
 def test_the_listener_check_catches_a_store_on_every_interface(tmp_path, monkeypatch):
     """The check above can fail: a store bound to 0.0.0.0 (what TCPStore does given "127.0.0.1") is reported."""
-    monkeypatch.setattr("dynbatch_core.distributed.LOOPBACK_HOST", "0.0.0.0")
+    monkeypatch.setattr("dynbatch_core.engine.distributed.LOOPBACK_HOST", "0.0.0.0")
     config = long_config(tmp_path, "wildcard", epochs=6)
     worker = threading.Thread(target=run, args=(config,), daemon=True)
     worker.start()

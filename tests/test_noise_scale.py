@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from dynbatch_core.balancer_base import largest_remainder_split
-from dynbatch_core.goodput import GoodputRule
-from dynbatch_core.lr import adascale_gain
-from dynbatch_core.noise_scale import (NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, step_points,
+from dynbatch_core.batching.balancer_base import largest_remainder_split
+from dynbatch_core.batching.goodput import GoodputRule
+from dynbatch_core.batching.lr import adascale_gain
+from dynbatch_core.batching.noise_scale import (NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, step_points,
                                        without_replacement_x)
-from dynbatch_core.sampler import epoch_order, rank_slices
+from dynbatch_core.engine.sampler import epoch_order, rank_slices
 
 N, FEATURES, BATCH = 4096, 10, 64
 

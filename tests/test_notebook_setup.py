@@ -7,8 +7,8 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from dynbatch_core.metrics import RunResult
-from dynbatch_core.notebook_setup import setup_notebook, write_summary
+from dynbatch_core.records import RunResult
+from dynbatch_core.study.notebook import setup_notebook, write_summary
 
 matplotlib.use("Agg")
 

@@ -15,7 +15,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import rank_processes
-from dynbatch_core import report
+from dynbatch_core.study import report
 
 pytestmark = pytest.mark.slow
 

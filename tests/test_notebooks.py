@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dynbatch_core import findings as findings_module, plots, report
-from dynbatch_core.schedules import plateau_progress
+from dynbatch_core.study import findings as findings_module
+from dynbatch_core.study import plots, report
+from dynbatch_core.batching.schedules import plateau_progress
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"

@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 from dynbatch_core import RunConfig
 from dynbatch_core.config import RENAMED_FIELDS, stored_config
-from dynbatch_core.elastic import newest_checkpoint
-from dynbatch_core.goodput import EXPLORE_STEPS
-from dynbatch_core.lr import decay_factor
-from dynbatch_core.train import RankTrainer
+from dynbatch_core.engine.elastic import newest_checkpoint
+from dynbatch_core.batching.goodput import EXPLORE_STEPS
+from dynbatch_core.batching.lr import decay_factor
+from dynbatch_core.engine.train import RankTrainer
 
 
 @pytest.fixture(scope="module")

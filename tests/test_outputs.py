@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from dynbatch_core import report
+from dynbatch_core.study import report
 
 OUTPUTS = Path(__file__).resolve().parents[1] / "outputs"
 

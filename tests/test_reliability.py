@@ -13,8 +13,8 @@ import torch
 
 from conftest import rank_processes
 from dynbatch_core import RunConfig, RunFailed, run
-from dynbatch_core.checkpoint import latest_checkpoint
-from dynbatch_core.metrics import write_atomic
+from dynbatch_core.engine.checkpoint import latest_checkpoint
+from dynbatch_core.records import write_atomic
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dynbatch_core.config import RunConfig
-from dynbatch_core.validation import check_resume
+from dynbatch_core.engine.validation import check_resume
 
 STORED = RunConfig(dataset="synthetic", model="resnet8", world_size=2, schedule="probe", probe_sizes=(16, 32, 64),
                    rank_weights=(3.0, 13.0), device="cpu", epochs=2)

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from dynbatch_core.sampler import DynamicBatchSampler, epoch_order
+from dynbatch_core.engine.sampler import DynamicBatchSampler, epoch_order
 
 
 def run_epoch(num_samples, world_size, split_for_step, *, seed=0, epoch=0, samplers=None):

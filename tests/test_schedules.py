@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynbatch_core.config import RunConfig
-from dynbatch_core.schedules import SCHEDULES, EpochSummary, build_schedule, plateau_progress
+from dynbatch_core.batching.schedules import SCHEDULES, EpochSummary, build_schedule, plateau_progress
 
 
 def history_of(batches, losses, seconds):

@@ -3,6 +3,9 @@
 # header (the closing notes' before/after lines). The scripts are not part of the project: pass their folder.
 #     bash tools/audit_repro.sh PATH/TO/audit-repro > outputs/audit-2026-12/after.txt
 # Needs the project importable (the venv of .ci/run, or `pip install -e .`); scratch files go to audit-scratch/.
+# The scripts import the flat module paths and field names of before the move to subpackages (batching/, engine/,
+# study/): run this in a worktree of commit 4744859, where outputs/audit-2026-12/after.txt was captured:
+#     git worktree add /tmp/audit 4744859 && bash /tmp/audit/tools/audit_repro.sh PATH/TO/audit-repro
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repro=${1:?usage: bash tools/audit_repro.sh PATH/TO/audit-repro}

@@ -22,7 +22,7 @@ import pandas as pd
 from .analysis import seed_band, tag_runs, time_to_reach
 from .critical_batch import CriticalBatchFit, emulated_timeline, with_emulated_time
 from .findings import format_seconds
-from .metrics import RunResult
+from ..records import RunResult
 
 GOODPUT_TOLERANCE = 1.1   # goodput may take this many times the best static batch's time
 TIME_COLUMNS = {"emulated_s": "emulated GPU-like time", "wall_s": "measured CPU time"}

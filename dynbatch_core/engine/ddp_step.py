@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .hetero import Emulation, take_emulated_delay
+from .emulation import Emulation, take_emulated_delay
 from .step import (StepOptions, StepResult, exchange_step_stats, forward_backward, noise_points, optimizer_step,
                    squared_grad_norm)
 
@@ -48,7 +48,7 @@ class BucketClock:
         self.compute_s = 0.0
         self.batch = 0
         self.slowdown = 1.0
-        self.emulation: Emulation | None = None       # see hetero.take_emulated_delay
+        self.emulation: Emulation | None = None       # see emulation.take_emulated_delay
         self.buckets = 0                              # gradient buckets seen in the current step
         self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
         self.measure_noise = False

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .hetero import Emulation, take_emulated_delay
-from .noise_scale import step_points
+from .emulation import Emulation, take_emulated_delay
+from ..batching.noise_scale import step_points
 
 
 def uneven_batch_loss(logits: torch.Tensor, labels: torch.Tensor, global_batch: int) -> torch.Tensor:
@@ -280,7 +280,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     """One exact step: local forward/backward, emulated slowdown, gradient all-reduce, optimizer step.
 
     `slowdown` k makes this rank sleep (k - 1) times its own measured compute time; with `emulation` the rank
-    instead takes exactly its emulated cost (hetero.take_emulated_delay).
+    instead takes exactly its emulated cost (emulation.take_emulated_delay).
     `largest_slice`: max over ranks of this step's slices (the plan's), so that every rank runs as many micro-batches
     (micro_batch_count); None: this rank's own, which is safe only without collectives inside the model.
     """

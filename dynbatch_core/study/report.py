@@ -8,7 +8,7 @@
 Parameter sets are YAML files next to the notebooks (notebooks/params/<set>/<notebook>.yaml, papermill's `-f`);
 `output_dir` is injected so that figures land in <out>/figures, while a notebook run by hand or by nbval keeps its
 default scratch folder (runs/notebook-figures). Executed notebooks go to <out>/notebooks. What the notebooks
-call is in notebook_setup.py (folders, configs, summary JSON) and findings.py (sentences from numbers).
+call is in notebook.py (folders, configs, summary JSON) and findings.py (sentences from numbers).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .findings import CLASS_STUDY
-from .metrics import write_atomic
-from .notebook_setup import find_repo_root
-from .rundir import git_commit
+from ..records import write_atomic
+from .notebook import find_repo_root
+from ..records import git_commit
 
 NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive")
 PARAMETER_SETS = ("report", "full", "defaults")
@@ -255,7 +255,7 @@ def _parameter_line(repo: Path, notebook: str, executed) -> str:
 
 def _machine() -> str:
     import torch
-    from .distributed import cpu_cores, visible_gpus
+    from ..engine.distributed import cpu_cores, visible_gpus
     gpus = visible_gpus()
     device = f"{gpus} GPU(s)" if gpus else "no GPU"
     return f"{cpu_cores()} CPU cores, {device}, Python {platform.python_version()}, torch {torch.__version__}"

@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .config import RunConfig
-from .metrics import RunResult, write_json
-from .rundir import git_commit
+from ..config import RunConfig
+from ..records import RunResult, write_json
+from ..records import git_commit
 
 
 def find_repo_root(start: str | os.PathLike | None = None) -> Path:
@@ -32,7 +32,7 @@ def find_repo_root(start: str | os.PathLike | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "dynbatch_core").is_dir():
             return folder
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)

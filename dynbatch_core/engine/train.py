@@ -21,24 +21,24 @@ import torch
 import torch.distributed as dist
 
 from .agreement import check_ranks_agree, decided_by_rank0, max_over_ranks
-from .balancers import build_balancer
+from ..batching.balancers import build_balancer
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
-from .config import RunConfig, balancer_options, schedule_options, with_current_names
+from ..config import RunConfig, balancer_options, schedule_options, with_current_names
 from .validation import check_same_computation
 from .console import log, progress_bar
-from .data import collate_batch, load_datasets
+from ..data import collate_batch, load_datasets
 from .evaluation import evaluate, recompute_batch_norm
 from .elastic import ResumeState, check_nothing_lost, newest_checkpoint, record_published, with_node_slowdowns
 from .distributed import init_process_group, job_store, resolve_gradient_sync, threads_per_rank
 from .faults import InjectedFault
-from .hetero import Emulation, SlowdownPlan
-from .lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
-from .metrics import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
-from .models import build_model
-from .noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, mean_estimate
-from .rundir import git_commit
+from .emulation import Emulation, SlowdownPlan
+from ..batching.lr import adascale_gain, decay_factor, scaled_lr, warmup_lr
+from ..records import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, write_atomic, write_table
+from ..models import build_model
+from ..batching.noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, mean_estimate
+from ..records import git_commit
 from .sampler import DynamicBatchSampler, StepPlan
-from .schedules import EpochSummary, ScheduleDecision, build_schedule
+from ..batching.schedules import EpochSummary, ScheduleDecision, build_schedule
 from .ddp_step import ddp_train_step, wrap_ddp
 from .loader import planned_loader, prefetch_depth
 from .step import GradientSync, StepOptions, StepResult, train_step

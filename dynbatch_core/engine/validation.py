@@ -9,15 +9,15 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from .balancers import BALANCERS, build_balancer
+from ..batching.balancers import BALANCERS, build_balancer
 from .checkpoint import latest_checkpoint
-from .config import BatchBounds, RunConfig, balancer_options, flag, schedule_options, stored_config
-from .data import DATASET_NAMES, describe_data_source
+from ..config import BatchBounds, RunConfig, balancer_options, flag, schedule_options, stored_config
+from ..data import DATASET_NAMES, describe_data_source
 from .distributed import GRADIENT_SYNCS, check_device, launched_by_torchrun, resolve_device, torchrun_identity
-from .hetero import SlowdownPlan
-from .lr import LR_DECAYS, LR_SCALINGS
-from .models import MODEL_NAMES, NORM_CHOICES
-from .schedules import SCHEDULES, build_schedule
+from .emulation import SlowdownPlan
+from ..batching.lr import LR_DECAYS, LR_SCALINGS
+from ..models import MODEL_NAMES, NORM_CHOICES
+from ..batching.schedules import SCHEDULES, build_schedule
 
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import write_atomic, write_json
+from ..records import write_atomic, write_json
 
 FORMAT = "dynbatch-checkpoint-2"
 OLD_FORMATS = {"dynbatch-checkpoint-1": "one file per rank"}

@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from .config import BatchBounds, RunConfig
+from ..config import BatchBounds, RunConfig
 from .checkpoint import latest_checkpoint
 from .validation import validate_config
 from .console import LOG_TO_STDOUT, close_launcher_progress, in_jupyter_kernel, launcher_progress, log
 from .distributed import (LoopbackStore, exit_without_teardown, resolve_device, resolve_gradient_sync,
                           threads_per_rank, torchrun_identity)
-from .metrics import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
-from .rundir import git_commit, prepare_run_dir
+from ..records import PROGRESS_FILE, ProgressFile, RunResult, read_run, write_json
+from ..records import git_commit, prepare_run_dir
 from .train import train_worker
 
 

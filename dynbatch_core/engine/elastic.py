@@ -29,7 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
-from .config import RunConfig
+from ..config import RunConfig
 
 NODE_SLOWDOWN = "DYNBATCH_NODE_SLOWDOWN"
 

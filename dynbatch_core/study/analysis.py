@@ -2,7 +2,7 @@
 (with a `run` column when they hold several runs, and a `seed` column when seeds repeat them; tag_runs adds both).
 
     from dynbatch_core import read_run
-    from dynbatch_core.analysis import (balance_efficiency, ideal_split, settle_step, oscillation,
+    from dynbatch_core.study.analysis import (balance_efficiency, ideal_split, settle_step, oscillation,
                                         steady_throughput, time_to_reach, ceiling_speedup)
     run = read_run("runs/pid-1-3")
     ideal = ideal_split(128, [1, 3])                        # [96.0, 32.0]: b_i proportional to 1/k_i

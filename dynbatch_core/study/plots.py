@@ -1,11 +1,11 @@
 """Figures for the notebooks and the report: functions `DataFrame -> matplotlib Figure`, plus the metrics behind them.
 
-    from dynbatch_core import analysis, plots
+    from dynbatch_core.study import analysis, plots
     epochs = analysis.tag_runs({"static": static.epochs, "loss-plateau": dynamic.epochs})   # adds a 'run' column
     fig = plots.accuracy_vs_time(epochs, title="MNIST, 2 ranks")
     plots.save_figure(fig, "2gpu__accuracy_vs_time", epochs, "outputs/figures")        # PNG + CSV, atomically
 
-Tables are the run folder's tidy tables (metrics.STEP_COLUMNS, metrics.EPOCH_COLUMNS) with a `run` column naming
+Tables are the run folder's tidy tables (records.STEP_COLUMNS, records.EPOCH_COLUMNS) with a `run` column naming
 the curve. Every function draws inside one seaborn theme (`_theme`, a context manager: importing this module changes
 no global matplotlib state). Times are `wall_s`: cumulative training seconds, evaluation excluded.
 
@@ -27,7 +27,7 @@ import seaborn as sns
 from cycler import cycler
 
 from .analysis import efficiency_table, fitted_step_time_table, run_labels
-from .metrics import write_atomic
+from ..records import write_atomic
 
 TIME_LABEL = "wall time (s, training only)"
 ACCURACY_LABEL = "test accuracy"

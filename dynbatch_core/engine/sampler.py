@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .balancer_base import largest_remainder_split
+from ..batching.balancer_base import largest_remainder_split
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:

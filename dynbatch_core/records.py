@@ -1,14 +1,20 @@
-"""Tidy metrics tables and the run folder: steps.csv (one row per step and rank), epochs.csv (one row per epoch).
+"""The run record, the one contract between the engine and the study: the run folder (where a run writes
+config.json, steps.csv, epochs.csv, model.pt), its tidy tables (steps.csv: one row per step and rank; epochs.csv:
+one row per epoch), atomic writes, the launcher's progress channel, and reading a run back.
 
+    run_dir = prepare_run_dir(out=None, overwrite=False, label="mnist-resnet20")   # runs/20261125-183000-mnist-resnet20
     result = read_run("runs/my-run")          # RunResult(run_dir, config, steps, epochs)
     result.epochs[["epoch", "global_batch", "test_acc", "wall_s"]]
 
-Every file is written to a temporary name and renamed into place, so a killed run never leaves a truncated file.
+A default folder is new and unique (two runs started at once never share one); a named folder that already holds
+files is refused unless overwrite is set. Every file is written to a temporary name and renamed into place, so a
+killed run never leaves a truncated file.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,3 +96,51 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
     steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").exists() else pd.DataFrame(columns=STEP_COLUMNS)
     epochs = pd.read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").exists() else pd.DataFrame(columns=EPOCH_COLUMNS)
     return RunResult(run_dir, config, steps, epochs)
+
+
+RUNS_ROOT = Path("runs")
+RUN_FILES = ("config.json", "steps.csv", "epochs.csv", "model.pt", "progress.json", "checkpoints")
+
+
+def prepare_run_dir(out: str | None, *, overwrite: bool, label: str) -> Path:
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1000):
+            candidate = RUNS_ROOT / (f"{stamp}-{label}" + (f"-{attempt}" if attempt else ""))
+            try:
+                candidate.mkdir(parents=True)
+                return candidate.resolve()
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"could not create a new run folder under {RUNS_ROOT.resolve()}")
+    run_dir = Path(out).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: folder exists and is not empty; pass --overwrite to write into it, "
+                         "or choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # overwrite: nothing of the previous run may leak into this one (a stale checkpoint!)
+        stale = run_dir / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    return run_dir.resolve()
+
+
+def git_commit() -> str | None:
+    """The commit of the dynbatch_core checkout (with '-dirty' if it has changes), or None outside git.
+
+    Changes under outputs/ do not count: they are what `report` writes while it runs, not what produced them."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)outputs"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")

@@ -1,0 +1,3 @@
+"""The engine: the ranks and everything around them (sampler, loader, exact step on stock DDP, training loop,
+evaluation, checkpoints, elastic resume, launching). Never imports study/ (tests/test_layers.py).
+"""
