@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -59,8 +59,6 @@ def average_buffers(model: torch.nn.Module, weight: float, *, device: torch.devi
             dist.all_reduce(buffer)
 
 
-
-
 @torch.no_grad()
 def recompute_batch_norm(model: torch.nn.Module, train_set, *, samples: int, rank: int, world_size: int,
                          device: torch.device, batch_size: int = 256) -> None:

@@ -512,7 +512,6 @@ def mean_buffers(per_rank: list[dict]) -> dict:
             for name, tensor in per_rank[0].items()}
 
 
-
 def _build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
