@@ -136,6 +136,12 @@ class RunConfig:
     progress: bool = _opt(True, "show a progress bar on rank 0")
 
     @property
+    def noise_measured(self) -> bool:
+        """Whether steps measure the gradient noise scale: --measure-noise, or a policy that reads it (goodput,
+        AdaScale)."""
+        return self.measure_noise or self.schedule == "goodput" or self.lr_scaling == "adascale"
+
+    @property
     def lr_batch(self) -> int:
         """The global batch at which `lr` holds (lr_reference_batch, else the initial batch)."""
         return self.lr_reference_batch if self.lr_reference_batch is not None else self.initial_batch

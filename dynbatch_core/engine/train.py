@@ -94,16 +94,7 @@ class RankTrainer:
         self.train_set, self.test_set, _ = load_datasets(
             config.dataset, data_dir=config.data_dir, download=config.download, train_samples=config.train_samples,
             test_samples=config.test_samples, augment=config.augment, seed=config.seed)
-        torch.manual_seed(config.seed)
-        spec = self.train_set.spec
-        model = build_model(config.model, in_channels=spec.in_channels, num_classes=spec.num_classes,
-                            norm=config.norm)
-        torch.manual_seed(rank_seed(config.seed, rank))   # from here on each rank draws its own numbers (dropout)
-        if config.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.module = model.to(device)  # the bare model: state dicts, evaluation
-        for tensor in self.module.state_dict().values():
-            dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
+        self.module = start_model(config, self.train_set.spec, rank, device)  # the bare model: state, evaluation
         self.gradient_sync = resolve_gradient_sync(config.gradient_sync, device)
         self.model = wrap_ddp(self.module, device) if self.gradient_sync == "ddp" else self.module
         self.sync = GradientSync(self.module.parameters(), world_size=self.world_size) \
@@ -132,7 +123,7 @@ class RankTrainer:
             clip_grad_norm=config.clip_grad_norm, max_micro_batch=config.max_micro_batch,
             autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
             scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-            measure_noise=config.measure_noise or config.schedule == "goodput" or config.lr_scaling == "adascale")
+            measure_noise=config.noise_measured)
         self.noise_estimates: list[NoiseEstimate | None] = []   # this epoch's steps (with --measure-noise)
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
@@ -500,6 +491,20 @@ class RankTrainer:
             change = "" if same_size else (f"; written by {state['world_size']} ranks, now {self.world_size}: "
                                            f"the {self.balancer.name} balancer starts over from the equal split")
             log(f"resumed from {found.folder} (step {state['step']}, epoch {self.progress.epoch + 1}){change}")
+
+
+def start_model(config: RunConfig, spec, rank: int, device: torch.device) -> torch.nn.Module:
+    """The model every rank starts from (rank 0's weights and buffers, broadcast); afterwards the default RNG is
+    this rank's own (dropout)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, in_channels=spec.in_channels, num_classes=spec.num_classes, norm=config.norm)
+    torch.manual_seed(rank_seed(config.seed, rank))
+    if config.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
+    return model
 
 
 def rank_seed(seed: int, rank: int) -> int:
