@@ -1,4 +1,4 @@
-"""notebook_setup.py: run names with their seeds (the folders and summary keys the notebooks have always written),
+"""study/notebook.py: run names with their seeds (the folders and summary keys the notebooks have always written),
 the config of a run, and a figure recorded with its findings into the summary JSON."""
 import json
 from pathlib import Path
