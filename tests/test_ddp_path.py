@@ -80,11 +80,15 @@ def test_two_ranks_with_a_changing_split_match_one_process(tmp_path, one_process
 
 @pytest.mark.slow
 def test_under_ddp_a_rank_three_times_slower_measures_three_times_the_compute_without_waiting(tmp_path):
-    result, _ = train(tmp_path, "timing", world_size=2, train_samples=320, initial_batch=32, slowdown=(1.0, 3.0),
+    """Counted waiting (rank 0's compute would include rank 1's delay) or a missing delay would both give about 1.
+    The ratio of the two ranks' summed compute, not a median of per-step ratios: at 7 ms steps (B = 32) those
+    ranged 1.8-4.4 and their median over 8 steps 2.26-3.76 on this 2-core machine; at B = 128 (30 ms steps) the
+    summed ratio measured 2.89-3.17 over 4 runs."""
+    result, _ = train(tmp_path, "timing", world_size=2, train_samples=1536, initial_batch=128, slowdown=(1.0, 3.0),
                       gradient_sync="ddp")
     steps = result.steps[result.steps.step >= 2].pivot(index="step", columns="rank")
-    ratio = (steps["compute_s"][1] / steps["compute_s"][0]).median()
-    assert 2.4 < ratio < 3.6, ratio
+    ratio = steps["compute_s"][1].sum() / steps["compute_s"][0].sum()
+    assert 2.2 < ratio < 4.0, ratio
     # rank 0 spends the difference waiting in the reduction, and none of it in its compute time
     assert (steps["wait_s"][0] / steps["compute_s"][0]).median() > 1.2
 
