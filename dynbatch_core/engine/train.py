@@ -128,8 +128,7 @@ class RankTrainer:
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
-        self.progress = Progress(previous_target_lr=scaled_lr(config.lr, config.initial_batch, config.lr_batch,
-                                                              config.lr_scaling),
+        self.progress = Progress(previous_target_lr=self.target_lr(config.initial_batch, 1.0),
                                  # a step rule first decides after decide_every steps
                                  next_decision=self.schedule.rule.decide_every if self.schedule.rule else 0)
         self.history: list[EpochSummary] = []

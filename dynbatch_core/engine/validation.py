@@ -28,6 +28,16 @@ def _check_choice(what: str, value, allowed) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
 
 
+def _check_bounds(config: RunConfig, **minimums) -> None:
+    """Each named field (when given, not None) at least its minimum, or above it for (minimum, "strict"); NaN
+    fails both. One line naming the flag: "--epochs must be >= 1, got 0"."""
+    for name, minimum in minimums.items():
+        bound, strict = (minimum[0], True) if isinstance(minimum, tuple) else (minimum, False)
+        value = getattr(config, name)
+        if value is not None and not (value > bound if strict else value >= bound):
+            raise ValueError(f"{flag(name)} must be {'>' if strict else '>='} {bound}, got {value}")
+
+
 def _check_rank_list(flag: str, values, world_size: int, minimum: float, what: str) -> None:
     if values is None:
         return
@@ -132,60 +142,35 @@ def _check_choices(config: RunConfig) -> None:
 
 def _check_step(config: RunConfig, local_world_size: int) -> None:
     """What one step runs on: ranks, threads, loader workers, micro-batches, precision, normalisation."""
-    if config.world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {config.world_size}")
-    if config.threads is not None and config.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {config.threads}")
-    if config.loader_workers < 0:
-        raise ValueError(f"--loader-workers must be >= 0, got {config.loader_workers}")
-    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
-        raise ValueError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
-    if config.max_micro_batch is not None and config.max_micro_batch < 1:
-        raise ValueError(f"--max-micro-batch must be >= 1, got {config.max_micro_batch}")
+    _check_bounds(config, world_size=1, threads=1, loader_workers=0, clip_grad_norm=(0, "strict"),
+                  max_micro_batch=1)
     if config.precision == "fp16" and resolve_device(config.device, local_world_size) != "cuda":
         raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
     if config.sync_bn and config.norm != "batch":
         raise ValueError("--sync-bn needs --norm batch")
-    if not config.timeout_s > 0:
-        raise ValueError(f"--timeout-s must be > 0, got {config.timeout_s}")
+    _check_bounds(config, timeout_s=(0, "strict"))
 
 
 def _check_run_length(config: RunConfig) -> None:
     """Epochs, steps, samples, seeds, checkpoints."""
-    if config.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {config.seed}")
-    if config.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {config.max_steps}")
-    if config.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
-    if config.eval_bn_samples < 0:
-        raise ValueError(f"--eval-bn-samples must be >= 0, got {config.eval_bn_samples}")
-    for option, value in (("--train-samples", config.train_samples), ("--test-samples", config.test_samples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{option} must be >= 1, got {value}")
+    _check_bounds(config, seed=0, epochs=1, max_steps=1, checkpoint_every=0, eval_bn_samples=0, train_samples=1,
+                  test_samples=1)
     if config.train_samples is not None and config.train_samples < config.world_size:
         raise ValueError(f"--train-samples {config.train_samples} is smaller than --world-size {config.world_size}")
 
 
 def _check_optimizer(config: RunConfig) -> None:
-    if not config.lr >= 0:
-        raise ValueError(f"--lr must be >= 0, got {config.lr}")
-    if config.lr_reference_batch is not None and config.lr_reference_batch < 1:
-        raise ValueError(f"--lr-reference-batch must be >= 1, got {config.lr_reference_batch}")
+    _check_bounds(config, lr=0, lr_reference_batch=1)
     if not 0 <= config.momentum < 1:
         raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}")
-    if not config.weight_decay >= 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    _check_bounds(config, weight_decay=0)
     if config.schedule == "smith" and config.lr_scaling != "none":
         raise ValueError("--schedule smith replaces LR decay by batch growth; --lr-scaling must be none with it")
 
 
 def _check_emulation(config: RunConfig) -> None:
     """Emulated compute and emulated slow ranks."""
-    if config.emulated_sample_ms is not None and not config.emulated_sample_ms > 0:
-        raise ValueError(f"--emulated-sample-ms must be > 0, got {config.emulated_sample_ms}")
+    _check_bounds(config, emulated_sample_ms=(0, "strict"))
     if config.emulated_step_ms is not None and (config.emulated_sample_ms is None or not config.emulated_step_ms >= 0):
         raise ValueError(f"--emulated-step-ms must be >= 0 and needs --emulated-sample-ms, got "
                          f"{config.emulated_step_ms} with --emulated-sample-ms {config.emulated_sample_ms}")

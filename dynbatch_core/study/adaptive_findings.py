@@ -22,6 +22,7 @@ import pandas as pd
 from .analysis import seed_band, tag_runs, time_to_reach
 from .critical_batch import CriticalBatchFit, emulated_timeline, with_emulated_time
 from .findings import format_seconds
+from .notebook import batch_schedule
 from ..records import RunResult
 
 GOODPUT_TOLERANCE = 1.1   # goodput may take this many times the best static batch's time
@@ -118,7 +119,7 @@ def batch_timeline(runs: Mapping[str, RunResult]) -> pd.DataFrame:
 def fixed_schedules(runs: Mapping[str, RunResult], kinds: Mapping[str, str]) -> dict[str, list[int]]:
     """The global batch per epoch of the runs whose batches follow from the parameters alone: the static runs and
     the increasing and decreasing schedules (nbval compares them)."""
-    return {label: [int(b) for b in result.epochs["global_batch"]] for label, result in runs.items()
+    return {label: batch_schedule(result) for label, result in runs.items()
             if kinds[label] == "static" or (kinds[label] == "class" and label in FIXED_SCHEDULES)}
 
 
