@@ -90,7 +90,8 @@ class RunConfig:
                                                    "independent of timing noise")
     gradient_sync: str = _opt("auto", "how gradients are summed: ddp (stock DistributedDataParallel with a summing "
                                        "comm hook, overlapped with backward), explicit (one bucketed all-reduce "
-                                       "after backward) or auto (ddp on CUDA, explicit on CPU)")
+                                       "after backward), fsdp (FSDP2: fully_shard per residual block, summing "
+                                       "reduce-scatters) or auto (ddp on CUDA, explicit on CPU)")
     clip_grad_norm: float | None = _opt(None, "clip the global gradient (summed over ranks) to this L2 norm")
     precision: str = _opt("fp32", "fp32; bf16 (autocast, CPU or CUDA); fp16 (autocast + loss scaling, CUDA only)")
     max_micro_batch: int | None = _opt(None, "a rank's slice larger than this runs as micro-batches with "

@@ -3,16 +3,15 @@
     torchrun --standalone --nproc-per-node 2 examples/ddp_loop.py             # 2 epochs, the pid balancer
     torchrun --standalone --nproc-per-node 2 examples/ddp_loop.py --check     # a fixed uneven split vs one process
 
-Copy it and replace `Blobs` and `make_model` with your own. What dynbatch adds to a plain DDP loop:
-  1. wrap_ddp(model, device): stock DistributedDataParallel with a comm hook that *sums* gradients (each rank's loss
-     is already divided by the global batch) and clocks each rank's compute at the moment its last gradient bucket
-     is ready, so the balancer never sees time spent waiting for slower ranks;
-  2. DynamicBatchSampler + planned_loader: one global sample order per epoch cut into per-rank slices of any size;
-     every batch arrives with its step's plan (`plan.global_batch`, `plan.rank_batches`), so DataLoader workers
-     may prefetch freely;
-  3. a balancer whose split rank 0 decides and broadcasts (decided_by_rank0), planned `lookahead` steps ahead:
-     as far as the loader prefetches;
-  4. uneven_batch_loss(logits, labels, plan.global_batch): summed loss / global batch.
+Copy it and replace `Blobs` and `make_model` with your own. What dynbatch adds to a plain DDP loop is one object,
+DynamicBatches, built from the dataset, the global batch, the balancer and the DataLoader options you would have
+passed anyway, and three touch points:
+  1. batches.prepare(model): stock DistributedDataParallel with a comm hook that *sums* gradients and clocks each
+     rank's compute when its last gradient bucket is ready (the balancer never sees time spent waiting);
+  2. batches.epoch(epoch): the epoch's batches, each with its step (this rank's slice of one global order, of the
+     size the balancer chose); between steps every rank's compute time is exchanged and rank 0 plans the splits
+     as far ahead as the loader prefetches;
+  3. step.scale(loss): a mean loss times this rank's share b_i / B, so the summed gradient is the union batch's.
 """
 from __future__ import annotations
 
@@ -22,11 +21,11 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from dynbatch_core import (DynamicBatchSampler, build_balancer, decided_by_rank0, epoch_order, exchange_measurements,
-                           exit_without_teardown, planned_loader, prefetch_depth, uneven_batch_loss, wrap_ddp)
+from dynbatch_core import DynamicBatches, build_balancer, epoch_order, exit_without_teardown
 
 
 class Blobs(Dataset):
@@ -66,43 +65,29 @@ def main() -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     dataset = Blobs()
-    model = wrap_ddp(make_model().to(device), device)
+    # --check: rank i holds i + 1 shares (16/32 of 48 on 2 ranks); otherwise pid balances on measured compute
+    balancer = build_balancer("weights", world, rank_weights=[i + 1.0 for i in range(world)]) if args.check else "pid"
+    batches = DynamicBatches(dataset, global_batch=args.batch_size, balancer=balancer, device=device,
+                             collate_fn=default_collate, num_workers=args.workers,
+                             prefetch_factor=4 if args.workers else None, persistent_workers=args.workers > 0)
+    model = batches.prepare(make_model().to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sampler = DynamicBatchSampler(len(dataset), rank=rank, world_size=world, seed=0, require_plans=True)
-    loader = planned_loader(dataset, sampler, collate_fn=default_collate, num_workers=args.workers)
-    lookahead = prefetch_depth(loader)   # as far ahead as the loader prefetches (its workers x prefetch_factor)
-    if args.check:  # rank i holds i + 1 shares: 16/32 of 48 on 2 ranks
-        balancer = build_balancer("weights", world, rank_weights=[float(i + 1) for i in range(world)])
-    else:
-        balancer = build_balancer("pid", world)
-
-    def next_split() -> list[int]:
-        return decided_by_rank0(lambda: balancer.split(args.batch_size), world, device=device, integers=True)
 
     trained = []  # (epoch, offset, global batch) of every step, for --check
     for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)
-        for step in range(lookahead + 1):
-            sampler.plan_step(step, next_split())
-        for (features, labels), plan in loader:
-            model.clock.start()
-            loss = uneven_batch_loss(model(features.to(device)), labels.to(device), plan.global_batch)
+        for (features, labels), step in batches.epoch(epoch):
+            loss = step.scale(F.cross_entropy(model(features.to(device)), labels.to(device)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            compute_s, rank_batches, loss_sums = exchange_measurements(
-                model.clock.compute_s, len(labels), device=device, loss_sum=loss.item() * plan.global_batch)
-            balancer.observe(compute_s, rank_batches)
-            sampler.plan_step(plan.step + lookahead + 1, next_split())
-            trained.append((epoch, plan.offset, plan.global_batch))
-        balancer.end_epoch()
+            trained.append((epoch, step.offset, step.global_batch))
         if rank == 0:
-            print(f"epoch {epoch + 1}: last split {rank_batches}, loss {sum(loss_sums) / plan.global_batch:.4f}")
+            print(f"epoch {epoch + 1}: last split {step.rank_batches}, loss {batches.history[-1].train_loss:.4f}")
 
     status = 0
     if args.check and rank == 0:
         difference = max_difference_from_one_process(model.module, dataset, trained)
-        print(f"max |param difference| = {difference:.3g} (2 ranks with uneven batches vs one process)")
+        print(f"max |param difference| = {difference:.3g} ({world} ranks with uneven batches vs one process)")
         status = 0 if difference <= 1e-5 else 1
     dist.destroy_process_group()
     return status
@@ -115,7 +100,7 @@ def max_difference_from_one_process(trained_model: nn.Module, dataset: Blobs, st
     for epoch, offset, global_batch in steps:
         indices = epoch_order(len(dataset), 0, epoch)[offset:offset + global_batch].tolist()
         features, labels = default_collate([dataset[i] for i in indices])
-        loss = nn.functional.cross_entropy(model(features), labels)
+        loss = F.cross_entropy(model(features), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

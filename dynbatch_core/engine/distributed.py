@@ -48,13 +48,14 @@ def resolve_device(device: str, world_size: int) -> str:
     return device
 
 
-GRADIENT_SYNCS = ("auto", "ddp", "explicit")
+GRADIENT_SYNCS = ("auto", "ddp", "explicit", "fsdp")
 
 
 def resolve_gradient_sync(choice: str, device: torch.device | str) -> str:
-    """"ddp" (stock DistributedDataParallel, gradient all-reduce overlapped with backward) or "explicit" (one
-    bucketed all-reduce after backward, step.GradientSync). auto: ddp on CUDA, where overlap pays; explicit on CPU,
-    where overlap cannot show and the explicit path measured 1.5-6 % faster (benchmarks/overhead.py)."""
+    """"ddp" (stock DistributedDataParallel, gradient all-reduce overlapped with backward), "explicit" (one
+    bucketed all-reduce after backward, step.GradientSync) or "fsdp" (FSDP2, fully_shard per residual block, summing
+    reduce-scatters: fsdp.py). auto: ddp on CUDA, where overlap pays; explicit on CPU, where overlap cannot show and
+    the explicit path measured 1.5-6 % faster (benchmarks/overhead.py)."""
     if choice == "auto":
         return "ddp" if torch.device(device).type == "cuda" else "explicit"
     return choice

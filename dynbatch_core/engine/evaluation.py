@@ -24,15 +24,19 @@ def evaluate(model: torch.nn.Module, test_set, *, rank: int, world_size: int, de
 
     Batch-norm running statistics differ between ranks (each saw its own slices): all ranks first evaluate with
     their weighted mean (average_buffers), weighted by `buffer_weight`, the samples this rank trained on this epoch.
+    Every rank runs the same number of forward passes, an empty one where its shard is shorter: FSDP2 all-gathers
+    each block's parameters in every forward, pairing the i-th forward of every rank.
     """
     if world_size > 1:
         average_buffers(model, buffer_weight, device=device)
     model.eval()
     start, stop = rank * len(test_set) // world_size, (rank + 1) * len(test_set) // world_size
+    passes = math.ceil(math.ceil(len(test_set) / world_size) / batch_size)   # the largest shard's, on every rank
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for first in range(start, stop, batch_size):
-        images, labels = test_set.__getitems__(list(range(first, min(first + batch_size, stop))))
-        images, labels = images.to(device), labels.to(device)
+    for first in range(start, start + passes * batch_size, batch_size):
+        indices = list(range(first, min(first + batch_size, stop)))
+        images, labels = test_set.__getitems__(indices or [0])
+        images, labels = images[:len(indices)].to(device), labels[:len(indices)].to(device)
         logits = model(images)
         sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == labels).sum().double()

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..batching.balancer_base import largest_remainder_split
+from ..batching.decisions import cut_to_remaining
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -130,16 +130,10 @@ class DynamicBatchSampler(torch.utils.data.Sampler[list[int]]):
                                "prefetches further ahead than the splits were planned")
         return list(planned if planned is not None else self.rank_batches)
 
-    def _cut(self, requested: list[int]) -> list[int]:
-        """The requested split, or what is left of the epoch split in its proportions."""
-        if sum(requested) <= self.remaining:
-            return requested
-        return largest_remainder_split(self.remaining, requested, min_size=0)
-
     def __iter__(self) -> Iterator[StepPlan]:
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
         while self.cursor < self.num_samples:
-            step_batches = self._cut(self.requested_batches())
+            step_batches = cut_to_remaining(self.requested_batches(), self.remaining)
             start, stop = rank_slices(step_batches)[self.rank]
             plan = StepPlan(order[self.cursor + start:self.cursor + stop].tolist(), epoch=self.epoch,
                             step=self.steps_in_epoch, offset=self.cursor, rank_batches=step_batches)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .agreement import check_ranks_agree, decided_by_rank0, max_over_ranks
+from .agreement import decided_by_rank0, max_over_ranks
 from ..batching.balancers import build_balancer
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from ..config import RunConfig, balancer_options, schedule_options, with_current_names
@@ -37,10 +37,11 @@ from ..records import EPOCH_COLUMNS, PROGRESS_FILE, STEP_COLUMNS, ProgressFile, 
 from ..models import build_model
 from ..batching.noise_scale import NoiseEstimate, NoiseScaleSmoother, epoch_noise_scale, fit_step, mean_estimate
 from ..records import git_commit
-from .sampler import DynamicBatchSampler, StepPlan
-from ..batching.schedules import EpochSummary, ScheduleDecision, build_schedule
+from .sampler import StepPlan
+from ..batching.schedules import EpochSummary, build_schedule
 from .ddp_step import ddp_train_step, wrap_ddp
-from .loader import planned_loader, prefetch_depth
+from .fsdp import fsdp_train_step, full_model_state, full_optimizer_state, load_full_state, prepare_fsdp, shard_per_block
+from .dynamic_batches import DynamicBatches, rank_seed
 from .step import GradientSync, StepOptions, StepResult, train_step
 
 
@@ -81,9 +82,7 @@ class Progress:
     epoch_samples: int = 0
     epoch_steps: int = 0
     epoch_elapsed_s: float = 0.0
-    next_decision: int = 0             # the global step at which a step rule (goodput) decides B next
     scaled_samples: float = 0.0        # AdaScale: samples counted at the initial batch (sum of gain x B_0)
-    batch: int = 0                     # the B a step rule set inside the current epoch (0: the epoch's decision)
 
 
 class RankTrainer:
@@ -96,6 +95,8 @@ class RankTrainer:
             test_samples=config.test_samples, augment=config.augment, seed=config.seed)
         self.module = start_model(config, self.train_set.spec, rank, device)  # the bare model: state, evaluation
         self.gradient_sync = resolve_gradient_sync(config.gradient_sync, device)
+        if self.gradient_sync == "fsdp":   # sharded in place: self.module is then the FSDP root
+            prepare_fsdp(shard_per_block(self.module))
         self.model = wrap_ddp(self.module, device) if self.gradient_sync == "ddp" else self.module
         self.sync = GradientSync(self.module.parameters(), world_size=self.world_size) \
             if self.gradient_sync == "explicit" else None
@@ -108,15 +109,11 @@ class RankTrainer:
         self.balancer = build_balancer(config.balancer_name, self.world_size, **balancer_options(config))
         self.slowdown = SlowdownPlan.from_options(self.world_size, slowdown=config.slowdown,
                                                   trace=config.slowdown_trace)
-        self.sampler = DynamicBatchSampler(len(self.train_set), rank=rank, world_size=self.world_size,
-                                           seed=config.seed, require_plans=True)
-        # The loader's own generator seeds its workers: iter() then leaves the default RNG alone, so a resumed run
-        # draws exactly what the uninterrupted one drew after its checkpoint.
-        self.loader = planned_loader(self.train_set, self.sampler, collate_fn=collate_batch,
-                                     num_workers=config.loader_workers, generator=torch.Generator())
-        # Splits are planned this many steps ahead: as far as the loader asks before it returns a step.
-        self.lookahead = prefetch_depth(self.loader)
-        self.trained: StepPlan | None = None   # the plan of the last step trained
+        # The sampler, the planned loader, the lookahead and every decision: the object a user's loop drives too.
+        self.batches = DynamicBatches(self.train_set, global_batch=self.schedule, balancer=self.balancer,
+                                      seed=config.seed, device=device, rank=rank, world_size=self.world_size,
+                                      collate_fn=collate_batch, num_workers=config.loader_workers)
+        self.sampler, self.loader, self.decisions = self.batches.sampler, self.batches.loader, self.batches.decisions
         self.emulation = Emulation.from_ms(config.emulated_sample_ms, config.emulated_step_ms,
                                            sleep=not config.skip_emulated_sleep)
         self.step_options = StepOptions(
@@ -128,10 +125,7 @@ class RankTrainer:
         self.fault = InjectedFault.from_env()
         self.git_commit = git_commit()
         self.progress_file = ProgressFile(run_dir / PROGRESS_FILE)
-        self.progress = Progress(previous_target_lr=self.target_lr(config.initial_batch, 1.0),
-                                 # a step rule first decides after decide_every steps
-                                 next_decision=self.schedule.rule.decide_every if self.schedule.rule else 0)
-        self.history: list[EpochSummary] = []
+        self.progress = Progress(previous_target_lr=self.target_lr(config.initial_batch, 1.0))
         self.step_rows: list[dict] = []    # rank 0: all ranks' rows of finished epochs
         self.epoch_rows: list[dict] = []   # rank 0
         self.my_rows: list[dict] = []      # this rank's rows of the current epoch
@@ -159,26 +153,18 @@ class RankTrainer:
     def fit(self) -> None:
         while self.epochs_left() and self.steps_left():
             self.train_epoch()
+        state, _ = self.model_states(optimizer=False)   # collective under FSDP
         if self.rank == 0:
-            state = {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
             write_atomic(self.run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
 
-    def decide_schedule(self, epoch: int) -> ScheduleDecision:
-        def decide():
-            decision = self.schedule.decide(epoch, self.history)
-            return [decision.global_batch, decision.lr_factor]
-        global_batch, lr_factor = decided_by_rank0(decide, 2, device=self.device)
-        return ScheduleDecision(int(global_batch), lr_factor)
-
-    def decide_split(self, global_batch: int) -> list[int]:
-        return decided_by_rank0(lambda: self.balancer.split(global_batch), self.world_size, device=self.device,
-                                integers=True)
+    @property
+    def history(self) -> list[EpochSummary]:
+        return self.decisions.history
 
     def train_epoch(self) -> None:
         progress, epoch = self.progress, self.progress.epoch
-        decision = self.decide_schedule(epoch)
-        batch = progress.batch or decision.global_batch   # the current global batch: goodput may move it mid-epoch
-        self.start_epoch(epoch, decision.global_batch, batch)
+        decision = self.batches.begin_epoch(epoch)   # positions the sampler, plans, checks every rank agrees
+        self.fault.before_epoch(self.rank, epoch)
         bar = progress_bar(total=progress.epoch_steps + math.ceil(self.sampler.remaining / decision.global_batch),
                            description=f"{self.epoch_label(epoch)} B={decision.global_batch}",
                            enabled=self.draw_progress)
@@ -191,12 +177,13 @@ class RankTrainer:
             slowdown = self.slowdown.factor(self.rank, progress.global_step)
             result = self.train_step(images.to(self.device), labels.to(self.device), plan, slowdown)
             step_s = time.perf_counter() - started
-            self.trained = plan
-            self.balancer.observe(result.compute_s, result.rank_batches)
-            self.record_noise(result)
-            if self.schedule.rule is not None:
-                batch = progress.batch = self.rule_step(batch, result, step_s)
-            self.sampler.plan_step(plan.step + self.lookahead + 1, self.decide_split(batch))
+            self.record_noise(result)   # before the step rule reads the smoothed noise scale
+            # What the step took beyond the slowest rank's compute: a cost per step no split removes (none under
+            # emulation, whose cost is the whole step's).
+            overhead_s = 0.0 if self.emulation is not None else max(0.0, step_s - max(result.compute_s))
+            self.batches.trained(plan, result.compute_s, result.rank_batches, loss_sums=result.loss_sums,
+                                 overhead_s=overhead_s)
+            batch = self.decisions.batch   # the current global batch: goodput may move it mid-epoch
             self.my_rows.append(self.step_row(plan, result, lr, slowdown))
             self.count(plan, result, gain)
             bar.set_postfix(loss=f"{result.loss:.3f}", split=",".join(map(str, result.rank_batches)), refresh=False)
@@ -210,26 +197,11 @@ class RankTrainer:
         progress.epoch_elapsed_s += time.perf_counter() - segment_started
         # The next epoch's warm-up starts from this epoch's LR at its B, not from its (possibly short) last step's.
         epoch_lr = self.target_lr(batch, decision.lr_factor)
-        complete = not (self.remaining_after(self.trained) > 0 and not self.steps_left())
+        complete = not (self.remaining_after(self.batches.trained_plan) > 0 and not self.steps_left())
         self.finish_epoch(batch, epoch_lr, complete=complete)
-
-    def start_epoch(self, epoch: int, decided_batch: int, batch: int) -> None:
-        """Position the sampler, plan the first steps' splits, and check that every rank agrees."""
-        self.sampler.set_epoch(epoch)   # keeps a resumed mid-epoch position
-        self.train_set.set_epoch(epoch)
-        for step in range(self.sampler.steps_in_epoch, self.sampler.steps_in_epoch + self.lookahead + 1):
-            if step not in self.sampler.plans:  # a resumed run restored the plans it had already made
-                self.sampler.plan_step(step, self.decide_split(batch))
-        # The guard: a disagreement would otherwise surface as a hang in some later collective, and another sample
-        # order (a node with another torch build) as a silent loss of every-sample-once.
-        check_ranks_agree({"global batch": decided_batch, "split": self.sampler.requested_batches(),
-                           "step": self.progress.global_step, "sample order": self.sampler.order_fingerprint()},
-                          where=f"at the start of epoch {epoch + 1}")
-        self.fault.before_epoch(self.rank, epoch)
 
     def epoch_batches(self, epoch: int):
         """The epoch's ((images, labels), plan) steps, while the run has steps left."""
-        self.loader.generator.manual_seed(rank_seed(self.config.seed, self.rank) + epoch)
         batches = iter(self.loader)
         while self.steps_left():
             try:
@@ -314,22 +286,6 @@ class RankTrainer:
             group["lr"] = lr
         return lr, gain
 
-    def rule_step(self, batch: int, result: StepResult, step_s: float) -> int:
-        """Feed the schedule's step rule this step; when it is due, rank 0 decides the next B and how long it
-        holds, and every rank receives it. step_s: this rank's whole step (compute, reduction, optimizer); what
-        it took beyond the slowest rank's compute is a cost per step no split removes (none under emulation,
-        whose cost is the whole step's)."""
-        rule, progress = self.schedule.rule, self.progress
-        overhead_s = 0.0 if self.emulation is not None else max(0.0, step_s - max(result.compute_s))
-        rule.observe(result.rank_batches, result.compute_s, overhead_s=overhead_s)
-        if progress.global_step < progress.next_decision:
-            return batch
-        batch, wait = decided_by_rank0(lambda: list(rule.decide(batch)), 2, device=self.device, integers=True)
-        # The new B is first trained lookahead steps later (the steps in between were planned already): the rule's
-        # `wait` counts steps at the B it chose.
-        progress.next_decision = progress.global_step + int(wait) + self.lookahead
-        return int(batch)
-
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, plan: StepPlan, slowdown: float) -> StepResult:
         """The step on this rank's slice of `plan` (its noise points as a --fault nonfinite hook left them)."""
         result = self._step(images, labels, plan, slowdown)
@@ -341,6 +297,8 @@ class RankTrainer:
                        options=self.step_options, largest_slice=max(plan.rank_batches))
         if self.gradient_sync == "ddp":
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
+        if self.gradient_sync == "fsdp":
+            return fsdp_train_step(self.model, self.optimizer, images, labels, **options)
         return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
 
     def gradient_columns(self, result: StepResult) -> dict:
@@ -364,23 +322,21 @@ class RankTrainer:
                 "noise_missing": missing}
 
     def remaining_after(self, plan: StepPlan | None) -> int:
-        """Samples of the epoch after the trained step `plan` (the sampler itself may have run ahead of it)."""
-        if plan is None or plan.epoch != self.sampler.epoch:
-            return self.sampler.remaining
-        return len(self.train_set) - plan.offset - plan.global_batch
+        return self.batches.remaining_after(plan)
 
     def finish_epoch(self, batch: int, target_lr: float, *, complete: bool) -> None:
         """Evaluate, gather and write the tables; a complete epoch also moves the run on and checkpoints."""
         config, progress = self.config, self.progress
         epoch_s = max_over_ranks(progress.epoch_elapsed_s, device=self.device)  # the slowest rank's, on every rank
-        self.balancer.end_epoch()
+        train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
+        # The balancer's end of epoch; a complete epoch joins the history the schedule decides from.
+        self.batches.end_epoch(EpochSummary(progress.epoch, batch, train_loss, epoch_s) if complete else None)
         my_samples = sum(row["rank_batch"] for row in self.my_rows)  # this epoch's rows
         if config.eval_bn_samples:
             recompute_batch_norm(self.module, self.train_set, samples=config.eval_bn_samples, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         test_loss, test_acc = evaluate(self.module, self.test_set, rank=self.rank, world_size=self.world_size,
                                        device=self.device, buffer_weight=my_samples)
-        train_loss = progress.epoch_loss_sum / max(1, progress.epoch_samples)
         noise = self.noise_columns()
         gathered = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(self.my_rows, gathered, dst=0)
@@ -393,9 +349,7 @@ class RankTrainer:
                 "test_acc": test_acc, "world_size": self.world_size, "epoch_s": epoch_s, "wall_s": progress.training_s + epoch_s,
                 "samples_per_s": progress.epoch_samples / epoch_s if epoch_s > 0 else float("nan"),
                 **noise})
-            scored = [*self.history, EpochSummary(progress.epoch, batch, train_loss, epoch_s)] if complete \
-                else self.history
-            for row, score in zip(self.epoch_rows, self.schedule.epoch_scores(scored)):
+            for row, score in zip(self.epoch_rows, self.schedule.epoch_scores(self.history)):
                 row["schedule_score"] = score
             write_table(self.run_dir / "steps.csv", self.step_rows, STEP_COLUMNS)
             write_table(self.run_dir / "epochs.csv", self.epoch_rows, EPOCH_COLUMNS)
@@ -406,22 +360,29 @@ class RankTrainer:
                    f"with |G|^2 <= 0)" if self.step_options.measure_noise else ""))
         if not complete:  # stopped by --max-steps inside the epoch; the last periodic checkpoint stays the latest
             return
-        self.history.append(EpochSummary(progress.epoch, batch, train_loss, epoch_s))
         self.my_rows, self.noise_estimates = [], []
         self.progress = Progress(epoch=progress.epoch + 1, global_step=progress.global_step,
                                  samples_seen=progress.samples_seen, training_s=progress.training_s + epoch_s,
-                                 previous_target_lr=target_lr, next_decision=progress.next_decision,
+                                 previous_target_lr=target_lr,
                                  scaled_samples=progress.scaled_samples)
         if config.checkpoints:
             self.save_checkpoint()
 
-    def shared_state(self, epoch_elapsed_s: float) -> dict:
+    def model_states(self, *, optimizer: bool = True) -> tuple[dict, dict]:
+        """(model state, optimizer state) as plain CPU tensors, unsharded (collective under FSDP: every rank calls
+        it, rank 0 holds the result)."""
+        if self.gradient_sync == "fsdp":
+            return full_model_state(self.module), full_optimizer_state(self.module, self.optimizer) if optimizer else {}
+        model_state = {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
+        return model_state, self.optimizer.state_dict() if optimizer else {}
+
+    def shared_state(self, epoch_elapsed_s: float, model_state: dict, optimizer_state: dict) -> dict:
         """What every rank holds alike (rank 0's copy), whatever the world size."""
         progress = dataclasses.replace(self.progress, epoch_elapsed_s=epoch_elapsed_s)
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": model_state, "optimizer": optimizer_state,
                 "schedule": self.schedule.state_dict(), "balancer": self.balancer.state_dict(),
-                "sampler": self.sampler.state_dict(trained=self.trained), "progress": dataclasses.asdict(progress),
-                "history": [dataclasses.asdict(summary) for summary in self.history],
+                "sampler": self.sampler.state_dict(trained=self.batches.trained_plan),
+                "progress": dataclasses.asdict(progress), "decisions": self.decisions.state_dict(),
                 "step_rows": self.step_rows, "epoch_rows": self.epoch_rows, "config": self.config.to_dict(),
                 "noise_estimates": [[] if e is None else [e.gradient_sq, e.trace] for e in self.noise_estimates],
                 "noise_smoother": self.noise_smoother.state_dict(),
@@ -437,11 +398,13 @@ class RankTrainer:
     def save_checkpoint(self) -> None:
         """Collective: rank 0 gathers every rank's part and writes the one file."""
         epoch_elapsed_s = max_over_ranks(self.progress.epoch_elapsed_s, device=self.device)
+        model_state, optimizer_state = self.model_states()
         parts = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(self.rank_state(), parts, dst=0)
         if self.rank == 0:
             save_checkpoint(self.run_dir, step=self.progress.global_step, world_size=self.world_size,
-                            state={**self.shared_state(epoch_elapsed_s), "ranks": parts})
+                            state={**self.shared_state(epoch_elapsed_s, model_state, optimizer_state),
+                                   "ranks": parts})
             record_published(job_store(), self.progress.global_step)
         dist.barrier()  # nobody runs ahead of a checkpoint that a restart would resume from
 
@@ -457,7 +420,14 @@ class RankTrainer:
         """
         state, same_size = found.state, found.state["world_size"] == self.world_size
         check_same_computation(RunConfig.from_dict(with_current_names(state["config"])), self.config, where=f"checkpoint {found.folder}")
-        self.module.load_state_dict(state["model"])
+        saved_sync = resolve_gradient_sync(state["config"].get("gradient_sync", "auto"), self.device)
+        if (saved_sync == "fsdp") != (self.gradient_sync == "fsdp"):
+            raise ValueError(f"checkpoint {found.folder} was written with --gradient-sync {saved_sync}; resume it "
+                             f"with {'fsdp' if saved_sync == 'fsdp' else 'ddp or explicit'}, not {self.gradient_sync}")
+        if self.gradient_sync == "fsdp":   # the full state, sharded onto this job's ranks
+            load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.module.load_state_dict(state["model"])
         parts = state["ranks"]
         mine = parts[self.rank] if same_size else None
         buffers = mine["buffers"] if same_size else mean_buffers([part["buffers"] for part in parts])
@@ -465,15 +435,17 @@ class RankTrainer:
             for name, tensor in self.module.named_buffers():
                 if name in buffers:
                     tensor.copy_(buffers[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.gradient_sync != "fsdp":
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.step_options.scaler is not None and state.get("scaler"):
             self.step_options.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"], bounds_may_change=not same_size)
         if same_size:
             self.balancer.load_state_dict(state["balancer"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_sampler_state(state["sampler"])
         self.progress = Progress(**state["progress"])
-        self.history = [EpochSummary(**summary) for summary in state["history"]]
+        self.decisions.load_state_dict(state["decisions"])
+        self.batches.global_step = self.progress.global_step
         self.step_rows, self.epoch_rows = state["step_rows"], state["epoch_rows"]
         self.noise_estimates = [NoiseEstimate(*pair) if pair else None for pair in state.get("noise_estimates", [])]
         if "noise_smoother" in state:
@@ -504,11 +476,6 @@ def start_model(config: RunConfig, spec, rank: int, device: torch.device) -> tor
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)  # identical start on every rank, whatever the RNG did
     return model
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s own random numbers (after the model's initialisation, which all ranks share)."""
-    return seed * 1_000_003 + 7_919 * (rank + 1)
 
 
 def mean_buffers(per_rank: list[dict]) -> dict:

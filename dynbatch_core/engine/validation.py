@@ -148,6 +148,13 @@ def _check_step(config: RunConfig, local_world_size: int) -> None:
         raise ValueError("--precision fp16 needs CUDA (loss scaling); on CPU use --precision bf16")
     if config.sync_bn and config.norm != "batch":
         raise ValueError("--sync-bn needs --norm batch")
+    if config.gradient_sync == "fsdp":
+        if config.sync_bn or config.precision == "fp16":
+            raise ValueError("--gradient-sync fsdp runs without --sync-bn and without --precision fp16 (its loss "
+                             "scaler does not take sharded gradients); use ddp or explicit for those")
+        if config.noise_measured and config.world_size == 1:
+            raise ValueError("--measure-noise with --gradient-sync fsdp needs --world-size >= 2 (one rank has one "
+                             "batch size per step); use explicit at one rank")
     _check_bounds(config, timeout_s=(0, "strict"))
 
 
