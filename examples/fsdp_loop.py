@@ -93,7 +93,7 @@ def main() -> int:
     batches = DynamicBatches(dataset, global_batch=args.batch_size, balancer=balancer, device=device,
                              num_workers=args.workers, persistent_workers=args.workers > 0)
     model = batches.prepare(shard(make_model().to(device)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     trained = []  # (epoch, offset, global batch) of every step, for --check
     for epoch in range(args.epochs):
@@ -125,7 +125,7 @@ def full_weights(model: nn.Module) -> dict:
 def max_difference_from_one_process(weights: dict, dataset: TensorDataset, steps) -> float:
     """Train a fresh copy in this process alone on the same global batches; the largest parameter difference."""
     model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch, offset, global_batch in steps:
         features, labels = dataset[epoch_order(len(dataset), 0, epoch)[offset:offset + global_batch]]
         loss = F.cross_entropy(model(features), labels)

@@ -443,8 +443,12 @@ class RankTrainer:
         if same_size:
             self.balancer.load_state_dict(state["balancer"])
         self.batches.load_sampler_state(state["sampler"])
-        self.progress = Progress(**state["progress"])
-        self.decisions.load_state_dict(state["decisions"])
+        progress = dict(state["progress"])
+        # before the decisions had their own state, the schedule's history and the step rule's lived here
+        legacy = {"history": state.get("history", []), "rule_batch": progress.pop("batch", 0),
+                  "next_decision": progress.pop("next_decision", 0)}
+        self.progress = Progress(**progress)
+        self.decisions.load_state_dict(state.get("decisions", legacy))
         self.batches.global_step = self.progress.global_step
         self.step_rows, self.epoch_rows = state["step_rows"], state["epoch_rows"]
         self.noise_estimates = [NoiseEstimate(*pair) if pair else None for pair in state.get("noise_estimates", [])]
