@@ -262,6 +262,10 @@ def test_an_empty_slice_gives_a_zero_loss_that_still_reaches_every_parameter():
     assert torch.equal(model.weight.grad, torch.zeros_like(model.weight))
 
 
-def test_bad_global_batch_is_one_clear_line():
+def test_bad_input_is_one_clear_line():
     with pytest.raises(ValueError, match="global_batch must be an int >= 1"):
         DynamicBatches(Records(), global_batch=0)
+    with pytest.raises(ValueError, match="decides the batches itself: leave out batch_size, drop_last"):
+        DynamicBatches(Records(), global_batch=8, batch_size=4, drop_last=True)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        DynamicBatches(Records(), global_batch=8).prepare(nn.Linear(16, 3))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .emulation import Emulation, take_emulated_delay
+from .timing import DeviceTimer
 from .step import (StepOptions, StepResult, exchange_step_stats, forward_backward, noise_points, optimizer_step,
                    squared_grad_norm)
 
@@ -43,8 +44,7 @@ class BucketClock:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.cuda = device.type == "cuda"
-        self.started = 0.0
+        self.timer = DeviceTimer(device)
         self.compute_s = 0.0
         self.batch = 0
         self.slowdown = 1.0
@@ -52,25 +52,20 @@ class BucketClock:
         self.buckets = 0                              # gradient buckets seen in the current step
         self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
         self.measure_noise = False
-        self._start_event = self._ready_event = None
 
     def start(self, *, batch: int = 0, slowdown: float = 1.0, emulation: Emulation | None = None) -> None:
         """Call at the start of every step, before forward (batch: this rank's samples, for the emulation)."""
         self.batch, self.slowdown, self.compute_s, self.buckets = batch, slowdown, 0.0, 0
         self.local_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         self.emulation = emulation
-        if self.cuda:
-            self._start_event = torch.cuda.Event(enable_timing=True)
-            self._ready_event = torch.cuda.Event(enable_timing=True)
-            self._start_event.record()
-        self.started = time.perf_counter()
+        self.timer.start()
+
+    @property
+    def started(self) -> float:
+        return self.timer.started
 
     def elapsed_s(self) -> float:
-        if self.cuda:  # the host clock would read the time of queueing, not of computing
-            self._ready_event.record()
-            self._ready_event.synchronize()
-            return self._start_event.elapsed_time(self._ready_event) / 1000
-        return time.perf_counter() - self.started
+        return self.timer.elapsed_s()
 
     def last_bucket_ready(self) -> None:
         """Measure this rank's compute time and take the emulated delay, before the last all-reduce starts."""

@@ -67,6 +67,10 @@ class DynamicBatches:
                  lr_scaling: str = "linear", slowdown: float = 1.0, emulation: Emulation | None = None,
                  device: torch.device | str | None = None, rank: int | None = None, world_size: int | None = None,
                  **loader_options):
+        refused = sorted(set(loader_options) & {"batch_size", "sampler", "batch_sampler", "drop_last"})
+        if refused:
+            raise ValueError(f"DynamicBatches decides the batches itself: leave out {', '.join(refused)} (the global "
+                             "batch is global_batch=, the order is seed= and shuffle=)")
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
@@ -81,7 +85,10 @@ class DynamicBatches:
                              f"{self.world_size}")
         self.dataset, self.seed, self.lr_scaling = dataset, seed, lr_scaling
         self.slowdown, self.emulation = slowdown, emulation
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if device is None:   # where the decisions and measurements travel: NCCL moves CUDA tensors only
+            nccl = distributed and dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = torch.device(device)
         self.sampler = DynamicBatchSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=seed,
                                            shuffle=shuffle, require_plans=True)
         # The loader's own generator seeds its workers: iter() then leaves the default RNG alone, so a resumed run
@@ -117,6 +124,9 @@ class DynamicBatches:
         FSDPModule; any other model is wrapped in stock DDP with a summing, timing comm hook. With `optimizer`,
         its LR follows the global batch (lr_scaling) and the schedule's factor."""
         from .fsdp import is_fsdp, prepare_fsdp
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DynamicBatches.prepare needs torch.distributed initialised first "
+                               "(dist.init_process_group; one process is a group of one)")
         if is_fsdp(model):
             self.clock = prepare_fsdp(model)
             self.model = model

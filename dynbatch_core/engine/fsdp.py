@@ -41,6 +41,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.distributed.tensor import DTensor
 
 from .emulation import Emulation, take_emulated_delay
+from .timing import DeviceTimer
 from .step import StepOptions, StepResult, exchange_step_stats, forward_backward, noise_points, optimizer_step
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -54,7 +55,6 @@ class FSDPClock:
         self.device = device
         self.cuda = device.type == "cuda"
         self.param_groups = param_groups              # FSDP's parameter groups, one reduce-scatter each per step
-        self.started = 0.0
         self.compute_s = 0.0
         self.batch = 0
         self.slowdown = 1.0
@@ -65,7 +65,7 @@ class FSDPClock:
         self.collective_s = 0.0                       # host seconds inside collectives (CPU)
         self.local_sq = torch.zeros((), dtype=torch.float64, device=device)   # |this rank's gradient|^2, or 0
         self.measure_noise = False
-        self._start_event = self._ready_event = self._compute_stream = None
+        self.timer = DeviceTimer(device)
         self._collective_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def start(self, *, batch: int = 0, slowdown: float = 1.0, emulation: Emulation | None = None) -> None:
@@ -75,20 +75,15 @@ class FSDPClock:
         self.to_reduce = sum(any(param.sharded_param.requires_grad for param in group.fsdp_params)
                              for group in self.param_groups)
         self.local_sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.cuda:
-            self._compute_stream = torch.cuda.current_stream(self.device)
-            self._start_event = torch.cuda.Event(enable_timing=True)
-            self._ready_event = torch.cuda.Event(enable_timing=True)
-            self._start_event.record()
-        self.started = time.perf_counter()
+        self.timer.start()   # on CUDA in the compute stream
+
+    @property
+    def started(self) -> float:
+        return self.timer.started
 
     def elapsed_s(self) -> float:
         """Seconds since start(), time inside collectives included."""
-        if self.cuda:  # the host clock would read the time of queueing, not of computing
-            self._ready_event.record(self._compute_stream)
-            self._ready_event.synchronize()
-            return self._start_event.elapsed_time(self._ready_event) / 1000
-        return time.perf_counter() - self.started
+        return self.timer.elapsed_s()
 
     def inside_collectives_s(self) -> float:
         """Seconds inside collectives since start() (on CUDA: call after elapsed_s, which synchronizes)."""
@@ -104,7 +99,7 @@ class FSDPClock:
             self.collective_s += time.perf_counter() - begun
             return
         comm_stream = torch.cuda.current_stream(self.device)   # FSDP's all-gather or reduce-scatter stream
-        compute_stream = self._compute_stream or torch.cuda.default_stream(self.device)
+        compute_stream = self.timer.stream or torch.cuda.default_stream(self.device)
         comm_stream.wait_stream(compute_stream)    # serialised: the collective's span is a stall of compute
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record(comm_stream)
