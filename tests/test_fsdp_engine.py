@@ -11,9 +11,9 @@ from dynbatch_core import RunConfig, RunFailed, run
 pytestmark = pytest.mark.slow
 
 # pid on an emulated clock: the split changes every few steps, and the same way in every run (no timing noise);
-# a checkpoint every 3 steps; 250 = 7 x 32 + 26 samples per epoch: a short last step. (Loader workers under FSDP2:
+# a checkpoint every 3 steps; 150 = 4 x 32 + 22 samples per epoch: a short last step. (Loader workers under FSDP2:
 # tests/test_user_loop.py.)
-OPTIONS = dict(dataset="synthetic", model="resnet8", norm="none", epochs=2, train_samples=250, test_samples=32,
+OPTIONS = dict(dataset="synthetic", model="resnet8", norm="none", epochs=2, train_samples=150, test_samples=32,
                initial_batch=32, lr=0.1, momentum=0.9, progress=False, balancer="pid", balance_every=1,
                slowdown=(1.0, 3.0), emulated_sample_ms=0.3, skip_emulated_sleep=True,
                checkpoint_every=3, measure_noise=True)
@@ -27,13 +27,13 @@ def train(folder, **overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The FSDP2 run, the same on DDP, the FSDP2 run killed at step 13 and resumed on 2 and on 3 ranks."""
+    """The FSDP2 run, the same on DDP, the FSDP2 run killed at step 8 and resumed on 2 and on 3 ranks."""
     folder = tmp_path_factory.mktemp("fsdp_engine")
     found = {"fsdp": train(folder / "fsdp", world_size=2, gradient_sync="fsdp"),
              "ddp": train(folder / "ddp", world_size=2, gradient_sync="ddp")}
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("DYNBATCH_TEST_HOOKS", "1")
-    monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:13")   # epoch 2 (steps 8-15): after the step-12 checkpoint
+    monkeypatch.setenv("DYNBATCH_FAULT", "kill:1:8")    # epoch 2 (steps 5-9): after the step-6 checkpoint
     with pytest.raises(RunFailed):
         train(folder / "killed", world_size=2, gradient_sync="fsdp")
     monkeypatch.undo()
@@ -53,7 +53,7 @@ def test_fsdp2_in_the_engine_matches_the_ddp_path_on_a_changing_split(runs):
     (fsdp, fsdp_weights), (ddp, ddp_weights) = runs["fsdp"], runs["ddp"]
     assert fsdp.config["resolved"]["gradient_sync"] == "fsdp"
     assert fsdp.steps.query("rank == 1").rank_batch.nunique() > 2            # the split really changed
-    assert fsdp.steps.groupby("step").rank_batch.sum().tolist() == ([32] * 7 + [26]) * 2
+    assert fsdp.steps.groupby("step").rank_batch.sum().tolist() == ([32] * 4 + [22]) * 2
     pd.testing.assert_frame_equal(fsdp.steps[["step", "rank", "rank_batch"]], ddp.steps[["step", "rank", "rank_batch"]])
     assert max_difference(fsdp_weights, ddp_weights) <= 1e-5   # DDP's path is exact against one process (test_ddp_path)
 
@@ -75,5 +75,5 @@ def test_fsdp2_killed_mid_epoch_resumes_bit_exactly_and_continues_on_three_ranks
     onto_three, three_weights = runs["onto 3"]
     assert onto_three.steps.groupby("step").rank_batch.sum().tolist() == \
         reference.steps.groupby("step").rank_batch.sum().tolist()            # the same global batches
-    assert onto_three.steps.query("step >= 13").world_size.eq(3).all()
+    assert onto_three.steps.query("step >= 8").world_size.eq(3).all()
     assert max_difference(expected, three_weights) <= 1e-5

@@ -158,11 +158,12 @@ def run_jobs(rank: int, world_size: int, store_file: str, folder: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     found = {}
     try:
-        for name, options in {"ddp": dict(fsdp=False, workers=2), "fsdp": dict(fsdp=True, workers=2),
-                              "fsdp micro 4 clip": dict(fsdp=True, micro=4, clip=0.3)}.items():
+        for name, options in {"ddp": dict(fsdp=False, workers=2), "fsdp": dict(fsdp=True, workers=2)}.items():
             weights, trained, _ = train(world_size, **options)
             found[name] = {"weights": weights, "trained": trained}
-        if world_size == 2:   # stop mid-epoch, continue from the saved state in fresh objects
+        if world_size == 2:   # micro-batches and clipping; a stop mid-epoch, continued in fresh objects
+            weights, trained, _ = train(2, fsdp=True, micro=4, clip=0.3)
+            found["fsdp micro 4 clip"] = {"weights": weights, "trained": trained}
             _, first, state = train(2, fsdp=True, workers=2, stop_at=STOP_AT)
             if rank == 0:   # before loading: set_model_state_dict turns the loaded dict's tensors into shards
                 torch.save({"state": state, "trained": first}, Path(folder) / "two_rank_state.pt")
@@ -226,11 +227,10 @@ def test_the_user_loop_on_a_changing_uneven_split_matches_one_process(runs, worl
 
 
 def test_micro_batches_and_clipping_on_fsdp2_match_one_process(runs):
-    for world_size in (2, 3):
-        found = runs[world_size]["fsdp micro 4 clip"]
-        clipped = one_process(found["trained"], clip=0.3)
-        assert max_difference(found["weights"], clipped) <= 1e-5
-        assert max_difference(one_process(found["trained"]), clipped) > 1e-4   # the clip did clip
+    found = runs[2]["fsdp micro 4 clip"]
+    clipped = one_process(found["trained"], clip=0.3)
+    assert max_difference(found["weights"], clipped) <= 1e-5
+    assert max_difference(one_process(found["trained"]), clipped) > 1e-4   # the clip did clip
 
 
 def test_fsdp2_resumed_mid_epoch_is_bit_exact_and_continues_on_three_ranks(runs):

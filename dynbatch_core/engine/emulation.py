@@ -79,17 +79,24 @@ class Emulation:
         return (self.step_s + batch * self.sample_s) * slowdown
 
 
-def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulation: Emulation | None = None) -> float:
+def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulation: Emulation | None = None, *,
+                        elapsed_s: float | None = None) -> float:
     """Sleep so that this rank looks `slowdown` times slower (or takes exactly the emulated cost); returns the
-    compute seconds to report. Call it when forward and backward are done, before the reduction."""
+    compute seconds to report. Call it when forward and backward are done, before the reduction.
+
+    elapsed_s: the wall seconds since the step started, time spent waiting for other ranks included, where ranks
+    run in lock-step inside the step (FSDP2's per-block all-gathers): a rank with a small slice then waits for the
+    others' compute before it reaches this point, and a delay of (target - its own compute) on top would start only
+    after theirs had ended. So the rank sleeps until the step is `target` seconds old instead: it finishes when a
+    device that slow would have."""
     if emulation is not None:
         target_s = emulation.cost_s(batch, slowdown)
         if emulation.sleep:
-            time.sleep(max(0.0, target_s - compute_s))
+            time.sleep(max(0.0, target_s - (compute_s if elapsed_s is None else elapsed_s)))
         return target_s
     if slowdown > 1.0:
         # The delay is this rank's own compute times (k - 1): it scales with its batch and never includes waiting.
-        time.sleep((slowdown - 1.0) * compute_s)
+        time.sleep((slowdown - 1.0) * compute_s if elapsed_s is None else max(0.0, slowdown * compute_s - elapsed_s))
     return compute_s * max(slowdown, 1.0)
 
 

@@ -120,8 +120,11 @@ class FSDPClock:
         """Measure this rank's compute time and take the emulated delay (once per step)."""
         if not self.stopped:
             self.stopped = True
-            compute_s = max(0.0, self.elapsed_s() - self.inside_collectives_s())
-            self.compute_s = take_emulated_delay(compute_s, self.batch, self.slowdown, self.emulation)
+            elapsed_s = self.elapsed_s()
+            compute_s = max(0.0, elapsed_s - self.inside_collectives_s())
+            # lock-step ranks (every block's all-gather): the delay ends when the step is as old as the target
+            self.compute_s = take_emulated_delay(compute_s, self.batch, self.slowdown, self.emulation,
+                                                 elapsed_s=elapsed_s)
 
 
 class TimedAllGather(AllGather):
