@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from typing import Sequence
 
@@ -123,11 +124,12 @@ class DynamicBatches:
         """The model to train: an FSDP2 model (fully_shard already applied) gets the summing contract on every
         FSDPModule; any other model is wrapped in stock DDP with a summing, timing comm hook. With `optimizer`,
         its LR follows the global batch (lr_scaling) and the schedule's factor."""
-        from .fsdp import is_fsdp, prepare_fsdp
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DynamicBatches.prepare needs torch.distributed initialised first "
                                "(dist.init_process_group; one process is a group of one)")
-        if is_fsdp(model):
+        # a model passed through fully_shard has imported torch's FSDP; otherwise skip its ~1.4 s import
+        if "torch.distributed.fsdp" in sys.modules and _is_fsdp(model):
+            from .fsdp import prepare_fsdp
             self.clock = prepare_fsdp(model)
             self.model = model
         else:
@@ -391,6 +393,11 @@ def _no_gradient_sync(model):
             yield
         finally:
             model.set_requires_gradient_sync(True)
+
+
+def _is_fsdp(model) -> bool:
+    from .fsdp import is_fsdp
+    return is_fsdp(model)
 
 
 def _positive_batch(value) -> int:

@@ -40,7 +40,6 @@ from ..records import git_commit
 from .sampler import StepPlan
 from ..batching.schedules import EpochSummary, build_schedule
 from .ddp_step import ddp_train_step, wrap_ddp
-from .fsdp import fsdp_train_step, full_model_state, full_optimizer_state, load_full_state, prepare_fsdp, shard_per_block
 from .dynamic_batches import DynamicBatches, rank_seed
 from .step import GradientSync, StepOptions, StepResult, train_step
 
@@ -96,7 +95,7 @@ class RankTrainer:
         self.module = start_model(config, self.train_set.spec, rank, device)  # the bare model: state, evaluation
         self.gradient_sync = resolve_gradient_sync(config.gradient_sync, device)
         if self.gradient_sync == "fsdp":   # sharded in place: self.module is then the FSDP root
-            prepare_fsdp(shard_per_block(self.module))
+            fsdp.prepare_fsdp(fsdp.shard_per_block(self.module))
         self.model = wrap_ddp(self.module, device) if self.gradient_sync == "ddp" else self.module
         self.sync = GradientSync(self.module.parameters(), world_size=self.world_size) \
             if self.gradient_sync == "explicit" else None
@@ -298,7 +297,7 @@ class RankTrainer:
         if self.gradient_sync == "ddp":
             return ddp_train_step(self.model, self.optimizer, images, labels, **options)
         if self.gradient_sync == "fsdp":
-            return fsdp_train_step(self.model, self.optimizer, images, labels, **options)
+            return fsdp.fsdp_train_step(self.model, self.optimizer, images, labels, **options)
         return train_step(self.model, self.optimizer, images, labels, sync=self.sync, **options)
 
     def gradient_columns(self, result: StepResult) -> dict:
@@ -372,7 +371,8 @@ class RankTrainer:
         """(model state, optimizer state) as plain CPU tensors, unsharded (collective under FSDP: every rank calls
         it, rank 0 holds the result)."""
         if self.gradient_sync == "fsdp":
-            return full_model_state(self.module), full_optimizer_state(self.module, self.optimizer) if optimizer else {}
+            return fsdp.full_model_state(self.module), \
+                fsdp.full_optimizer_state(self.module, self.optimizer) if optimizer else {}
         model_state = {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
         return model_state, self.optimizer.state_dict() if optimizer else {}
 
@@ -425,7 +425,7 @@ class RankTrainer:
             raise ValueError(f"checkpoint {found.folder} was written with --gradient-sync {saved_sync}; resume it "
                              f"with {'fsdp' if saved_sync == 'fsdp' else 'ddp or explicit'}, not {self.gradient_sync}")
         if self.gradient_sync == "fsdp":   # the full state, sharded onto this job's ranks
-            load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
+            fsdp.load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
         else:
             self.module.load_state_dict(state["model"])
         parts = state["ranks"]
@@ -466,6 +466,18 @@ class RankTrainer:
             change = "" if same_size else (f"; written by {state['world_size']} ranks, now {self.world_size}: "
                                            f"the {self.balancer.name} balancer starts over from the equal split")
             log(f"resumed from {found.folder} (step {state['step']}, epoch {self.progress.epoch + 1}){change}")
+
+
+class _LazyFSDP:
+    """engine/fsdp.py, imported at first use: torch.distributed.fsdp costs ~1.4 s per process here, which every
+    rank of a ddp or explicit run would otherwise pay."""
+
+    def __getattr__(self, name):
+        from . import fsdp as module
+        return getattr(module, name)
+
+
+fsdp = _LazyFSDP()
 
 
 def start_model(config: RunConfig, spec, rank: int, device: torch.device) -> torch.nn.Module:
