@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from .balancer_base import Balancer
 from .model_balancer import ModelBalancer
 from .registry import registered, taken_options
@@ -55,35 +57,41 @@ class WeightsBalancer(Balancer):
 
 
 class _Window:
-    """Per-rank sums of samples and compute seconds over some steps."""
+    """Per-rank sums of samples and compute seconds over some steps (numpy arrays; plain lists in state_dict)."""
 
     def __init__(self, world_size: int):
-        self.samples = [0.0] * world_size
-        self.compute_s = [0.0] * world_size
+        self.samples = np.zeros(world_size)
+        self.compute_s = np.zeros(world_size)
         self.steps = 0
 
     def add(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
-        self.samples = [total + float(b) for total, b in zip(self.samples, rank_batches)]
-        self.compute_s = [total + float(t) for total, t in zip(self.compute_s, compute_s)]
+        if len(compute_s) != len(self.samples) or len(rank_batches) != len(self.samples):
+            raise ValueError(f"one compute_s and one batch per rank ({len(self.samples)}), got {len(compute_s)} and "
+                             f"{len(rank_batches)}")
+        self.samples = self.samples + np.array(rank_batches, dtype=np.float64)
+        self.compute_s = self.compute_s + np.array(compute_s, dtype=np.float64)
         self.steps += 1
 
-    def throughput(self) -> list[float] | None:
+    def throughput(self) -> np.ndarray | None:
         """Samples per second of each rank, or None while some rank has no measurement."""
-        if any(b <= 0 or t <= 0 for b, t in zip(self.samples, self.compute_s)):
+        if ((self.samples <= 0) | (self.compute_s <= 0)).any():
             return None
-        return [b / t for b, t in zip(self.samples, self.compute_s)]
+        return self.samples / self.compute_s
 
     def state_dict(self) -> dict:
-        return {"samples": list(self.samples), "compute_s": list(self.compute_s), "steps": self.steps}
+        return {"samples": self.samples.tolist(), "compute_s": self.compute_s.tolist(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.samples, self.compute_s = list(state["samples"]), list(state["compute_s"])
+        self.samples = np.array(state["samples"], dtype=np.float64)
+        self.compute_s = np.array(state["compute_s"], dtype=np.float64)
         self.steps = state["steps"]
 
 
-def _normalised(values: Sequence[float]) -> list[float]:
+def _normalised(values: Sequence[float] | np.ndarray) -> list[float]:
+    """values / their sum, the sum taken by Python's sum() over the values in order, as before."""
+    values = values.tolist() if isinstance(values, np.ndarray) else list(values)
     total = float(sum(values))
-    return [v / total for v in values]
+    return (np.array(values, dtype=np.float64) / total).tolist()
 
 
 class DBSBalancer(Balancer):
@@ -173,21 +181,25 @@ class PIDBalancer(Balancer):
         sample = window.throughput()
         if sample is None:
             return
-        self.throughput = sample if not self.throughput else [
-            self.pid_ema * new + (1 - self.pid_ema) * old for new, old in zip(sample, self.throughput)]
-        step_s = [t / window.steps for t in window.compute_s]
-        if (max(step_s) - min(step_s)) / max(step_s) <= self.dead_band:
+        if self.throughput:
+            sample = self.pid_ema * sample + (1 - self.pid_ema) * np.array(self.throughput, dtype=np.float64)
+        self.throughput = sample.tolist()
+        step_s = window.compute_s / window.steps
+        slowest = float(step_s.max())
+        if (slowest - float(step_s.min())) / slowest <= self.dead_band:
             self.integral = [0.0] * self.world_size
             return
-        errors = [target - share for target, share in zip(_normalised(self.throughput), self.shares)]
-        integral = [total + error for total, error in zip(self.integral, errors)]
-        deltas = [self.pid_kp * e + self.pid_ki * i for e, i in zip(errors, integral)]
+        shares = np.array(self.shares, dtype=np.float64)
+        errors = np.array(_normalised(self.throughput), dtype=np.float64) - shares
+        integral = np.array(self.integral, dtype=np.float64) + errors
+        deltas = self.pid_kp * errors + self.pid_ki * integral
         cap = self.max_change / self.world_size
-        scale = min(1.0, cap / max(max(abs(d) for d in deltas), 1e-300))
+        scale = min(1.0, cap / max(float(np.abs(deltas).max()), 1e-300))
         if scale == 1.0:  # a capped move does not integrate (anti-windup)
-            self.integral = integral
+            self.integral = integral.tolist()
         floor = 0.001 / self.world_size
-        self.shares = _normalised([max(s + scale * d, floor) for s, d in zip(self.shares, deltas)])
+        moved = shares + scale * deltas
+        self.shares = _normalised(np.where(floor > moved, floor, moved))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "shares": list(self.shares), "throughput": list(self.throughput),

@@ -12,15 +12,23 @@ The split: integers b_i in [min_size, max_size] with sum B that minimise max_i t
 gives the continuous optimum T (sum_i clamp((T - a_i) / c_i) = B, solved over the sorted breakpoints); each b_i is
 rounded down, and the few units left go one at a time to the rank whose time after taking it is smallest. Greedy
 by marginal cost from a point below an optimum is exact for a min-max of increasing costs, so the result is the
-integer optimum; ties go to the lower rank. O(n log n).
+integer optimum; ties go to the lower rank. O(n log n): move_units makes those one-at-a-time choices together.
+
+The model balancer fits all ranks at once: fit_affine_rows, proportional_fit_rows and residual_spread_rows are
+fit_affine, proportional_fit and residual_spread_s on every row of (ranks x window) arrays, with numpy, and give
+the same floats bit for bit (elementwise IEEE operations in the same order, medians picked from sorted rows as
+statistics.median picks them); tests/test_decision_scaling.py checks them against the per-rank functions.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 MIN_COST_PER_SAMPLE_S = 1e-9
 
@@ -68,49 +76,180 @@ def residual_spread_s(points: Sequence[tuple[float, float]], line: AffineCost) -
     return 1.4826 * statistics.median(abs(t - line.time_s(b)) for b, t in points)
 
 
+def median_rows(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """statistics.median of each row's valid entries, bit for bit: the middle one of the sorted entries, or (a + b) / 2
+    of the two middle ones; nan for a row without any."""
+    ordered = np.sort(np.where(valid, values, np.nan), axis=1)   # nan sorts last
+    count = valid.sum(axis=1)
+    rows = np.arange(len(ordered))
+    upper = ordered[rows, np.minimum(count // 2, ordered.shape[1] - 1)]
+    lower = ordered[rows, np.maximum(count - 1, 0) // 2]
+    return np.where(count % 2 == 1, upper, (lower + upper) / 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs(columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices (i, j), i < j, of every pair of points in a window of `columns` points."""
+    return np.triu_indices(columns, k=1)
+
+
+def fit_affine_rows(batch: np.ndarray, seconds: np.ndarray, measured: np.ndarray,
+                    min_gap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fit_affine on every row's measured points, min_gap (>= 0) per row: (a_s, c_s, fitted), a_s and c_s meaningful
+    where fitted. Slopes are computed only for rows with a pair of points more than min_gap apart."""
+    count = len(batch)
+    fixed_s, per_sample_s, fitted = np.zeros(count), np.zeros(count), np.zeros(count, dtype=bool)
+    low = np.where(measured, batch, np.inf).min(axis=1, initial=np.inf)
+    high = np.where(measured, batch, -np.inf).max(axis=1, initial=-np.inf)
+    with np.errstate(invalid="ignore"):
+        paired = np.flatnonzero(high - low > min_gap)   # some pair is far enough apart iff the widest is
+    if paired.size == 0:
+        return fixed_s, per_sample_s, fitted
+    b, t, m = batch[paired], seconds[paired], measured[paired]
+    first, second = _pairs(batch.shape[1])   # every pair's slope (t_j - t_i) / (b_j - b_i), where both are measured
+    gaps = np.take(b, second, axis=1) - np.take(b, first, axis=1)
+    valid = np.take(m, first, axis=1) & np.take(m, second, axis=1) & (np.abs(gaps) > min_gap[paired, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = (np.take(t, second, axis=1) - np.take(t, first, axis=1)) / gaps
+    slope = median_rows(slopes, valid)
+    intercept = median_rows(t - slope[:, None] * b, m)
+    affine = ~(slope <= MIN_COST_PER_SAMPLE_S) & ~(intercept < 0)
+    fixed_s[paired], per_sample_s[paired], fitted[paired] = np.where(affine, intercept, 0.0), slope, True
+    fallback = paired[~affine]   # a flat, falling or negative-intercept line: t = c b through the origin instead
+    if fallback.size:
+        ratio_c, ratio_ok = proportional_fit_rows(batch[fallback], seconds[fallback], measured[fallback])
+        per_sample_s[fallback], fitted[fallback] = ratio_c, ratio_ok
+    return fixed_s, per_sample_s, fitted
+
+
+def proportional_fit_rows(batch: np.ndarray, seconds: np.ndarray,
+                          measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """proportional_fit on every row's measured points: (c_s, fitted); a_s is 0 where fitted."""
+    usable = measured & (batch > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = median_rows(seconds / batch, usable)
+    return np.where(MIN_COST_PER_SAMPLE_S > ratio, MIN_COST_PER_SAMPLE_S, ratio), usable.any(axis=1)
+
+
+def residual_spread_rows(batch: np.ndarray, seconds: np.ndarray, measured: np.ndarray, fixed_s: np.ndarray,
+                         per_sample_s: np.ndarray) -> np.ndarray:
+    """residual_spread_s of every row's measured points around its line (0.0 for a row without any)."""
+    residuals = np.abs(seconds - (fixed_s[:, None] + per_sample_s[:, None] * batch))
+    return np.where(measured.any(axis=1), 1.4826 * median_rows(residuals, measured), 0.0)
+
+
 def predicted_step_s(split: Sequence[int], lines: Sequence[AffineCost]) -> float:
     """The slowest rank's predicted compute time for this split."""
     return max(line.time_s(b) for b, line in zip(split, lines))
 
 
-def _continuous_level(total: int, lines: Sequence[AffineCost], low: int, high: float) -> float:
+def _continuous_level(total: int, fixed_s: np.ndarray, per_sample_s: np.ndarray, low: int, high: float) -> float:
     """The T with sum_i clamp((T - a_i) / c_i, low, high) = total (water-filling over sorted breakpoints)."""
     # Each rank's b_i(T) is piecewise linear in T: flat at `low` until T = t_i(low), rising with slope 1 / c_i,
-    # flat at `high` from T = t_i(high). Walk the breakpoints in order, keeping the sum's slope and value.
-    events = []
-    for line in lines:
-        events.append((line.time_s(low), 1.0 / line.c_s))
-        if high < math.inf:
-            events.append((line.time_s(high), -1.0 / line.c_s))
-    events.sort()
-    level, value, slope = events[0][0], float(low * len(lines)), 0.0
-    for point, change in events:
-        if slope > 0 and value + slope * (point - level) >= total:
-            break
-        value += slope * (point - level)
-        level, slope = point, slope + change
+    # flat at `high` from T = t_i(high). Walk the breakpoints in order, keeping the sum's slope and value: event k
+    # starts at level_k = point_{k-1} with slope_k = change_0 + ... + change_{k-1} and value_k = low n + the
+    # increments slope_j (point_j - level_j) before it, both sums taken left to right (np.cumsum is sequential, as
+    # the loop over events this replaces was); the walk stops at the first event whose value would reach `total`.
+    points, changes = fixed_s + per_sample_s * low, 1.0 / per_sample_s
+    if high < math.inf:
+        points, changes = np.concatenate([points, fixed_s + per_sample_s * high]), np.concatenate([changes, -changes])
+    order = np.lexsort((changes, points))   # by point, then change: the order of sorted (point, change) tuples
+    points, changes = points[order], changes[order]
+    levels = np.concatenate([points[:1], points[:-1]])
+    slopes = np.concatenate([[0.0], np.cumsum(changes)])          # slopes[k] = slope_k, one past the last event
+    increments = slopes[:-1] * (points - levels)
+    values = np.cumsum(np.concatenate([[float(low * len(fixed_s))], increments]))   # values[k] = value_k
+    reached = np.flatnonzero((slopes[:-1] > 0) & (values[1:] >= total))
+    if reached.size:
+        k = reached[0]
+        return float(levels[k] + (total - values[k]) / slopes[k])
+    level, value, slope = float(points[-1]), float(values[-1]), float(slopes[-1])
     return level + (total - value) / slope if slope > 0 else level
+
+
+def move_units(sizes: np.ndarray | list[int], units: int, step: int, key: Callable, params: Sequence,
+               is_open: Callable, monotone: bool = True) -> np.ndarray | list[int]:
+    """`units` times: the open rank with the smallest key(*params_i, size_i) (ties to the lower rank) moves its size by
+    `step` (+1 or -1). Sizes and params as lists (for a few ranks: a heap of (key, rank) with re-push) or as arrays.
+
+    With arrays, when a rank's key never falls as it moves (`monotone`), those choices are the `units` smallest
+    (key, rank) among every rank's next moves: they are taken at once from each rank's next `rounds` moves, sorted,
+    provided no rank that would take all of its `rounds` could take one more before the last one chosen (else twice
+    the rounds, and past a few rounds per unit the heap).
+    """
+    if isinstance(sizes, list):
+        return _heap_moves(sizes, units, step, key, params, is_open)
+    candidates = np.flatnonzero(is_open(sizes))
+    rounds, budget = 1, 4 * (units + sizes.size) + 64   # candidate moves sorted at most, else the heap
+    while monotone and 0 < units and 0 < candidates.size and rounds * candidates.size <= budget:
+        start = sizes[candidates][:, None] + step * np.arange(rounds)   # each candidate's size before each move
+        keys = key(*(values[candidates][:, None] for values in params), start)
+        usable = is_open(start).ravel()   # open before the move: a prefix of each candidate's rounds
+        moves = np.flatnonzero(usable)
+        if moves.size >= units:
+            chosen = moves[np.argsort(keys.ravel()[moves], kind="stable")[:units]]   # ties: lower rank, then round
+            taken = np.bincount(chosen // rounds, minlength=candidates.size)
+            last_rank, last_key = candidates[chosen[-1] // rounds], keys.ravel()[chosen[-1]]
+            full = np.flatnonzero(taken == rounds)
+            after = sizes[candidates[full]] + step * rounds
+            next_keys = key(*(values[candidates[full]] for values in params), after)
+            sooner = is_open(after) & ((next_keys < last_key) | ((next_keys == last_key) &
+                                                                 (candidates[full] < last_rank)))
+            if not sooner.any():
+                sizes = sizes.copy()
+                sizes[candidates] += step * taken
+                return sizes
+        rounds *= 2
+    return np.array(_heap_moves(sizes.tolist(), units, step, key, [values.tolist() for values in params], is_open),
+                    dtype=np.int64)
+
+
+def _heap_moves(sizes: list[int], units: int, step: int, key: Callable, params: Sequence[list],
+                is_open: Callable) -> list[int]:
+    moved = list(sizes)
+    heap = [(key(*(values[i] for values in params), size), i) for i, size in enumerate(moved) if is_open(size)]
+    heapq.heapify(heap)
+    for _ in range(units):
+        i = heapq.heappop(heap)[1]
+        moved[i] += step
+        if is_open(moved[i]):
+            heapq.heappush(heap, (key(*(values[i] for values in params), moved[i]), i))
+    return moved
 
 
 def min_max_split(total: int, lines: Sequence[AffineCost], *, min_size: int = 1,
                   max_size: int | None = None) -> list[int]:
     """Integers in [min_size, max_size] summing to `total` that minimise max_i t_i(b_i) (see the module docstring)."""
-    count = len(lines)
+    fixed_s = np.array([line.a_s for line in lines], dtype=np.float64)
+    per_sample_s = np.array([line.c_s for line in lines], dtype=np.float64)
+    return min_max_split_rows(total, fixed_s, per_sample_s, min_size=min_size, max_size=max_size).tolist()
+
+
+def min_max_split_rows(total: int, fixed_s: np.ndarray, per_sample_s: np.ndarray, *, min_size: int = 1,
+                       max_size: int | None = None) -> np.ndarray:
+    """min_max_split of the lines t_i(b) = fixed_s[i] + per_sample_s[i] b, as an int64 array."""
+    count = len(fixed_s)
     high = math.inf if max_size is None else max_size
     if total < count * min_size or total > count * high:
         raise ValueError(f"cannot split {total} into {count} sizes within [{min_size}, {max_size}]")
-    level = _continuous_level(total, lines, min_size, high)
-    sizes = [int(min(max(math.floor((level - line.a_s) / line.c_s + 1e-9), min_size), high)) for line in lines]
-    while sum(sizes) > total:  # rounding error at the breakpoints: give back from the slowest
-        slowest = max((i for i in range(count) if sizes[i] > min_size), key=lambda i: (lines[i].time_s(sizes[i]), -i))
-        sizes[slowest] -= 1
-    heap = [(line.time_s(size + 1), i) for i, (line, size) in enumerate(zip(lines, sizes)) if size < high]
-    heapq.heapify(heap)
-    for _ in range(total - sum(sizes)):
-        _, i = heapq.heappop(heap)
-        sizes[i] += 1
-        if sizes[i] < high:
-            heapq.heappush(heap, (lines[i].time_s(sizes[i] + 1), i))
+    if (per_sample_s == 0).any():
+        raise ZeroDivisionError("float division by zero")   # 1 / c_i, as the scalar code raised
+    level = _continuous_level(total, fixed_s, per_sample_s, min_size, high)
+    shares = (level - fixed_s) / per_sample_s + 1e-9
+    if not np.isfinite(shares).all():
+        [math.floor(share) for share in shares.tolist()]    # raises what math.floor raises on nan or inf
+    sizes = np.floor(shares)
+    sizes = np.where(min_size > sizes, min_size, sizes)
+    sizes = np.where(high < sizes, high, sizes).astype(np.int64)
+    monotone = bool((per_sample_s > 0).all())
+    excess = int(sizes.sum()) - total
+    if excess > 0:  # rounding error at the breakpoints: give back from the slowest (max time, ties to the lower rank)
+        sizes = move_units(sizes, excess, -1, lambda a, c, size: -(a + c * size), (fixed_s, per_sample_s),
+                           lambda size: size > min_size, monotone)
+    missing = total - int(sizes.sum())
+    if missing > 0:  # the units left, each to the rank whose time after taking it is smallest
+        sizes = move_units(sizes, missing, +1, lambda a, c, size: a + c * (size + 1), (fixed_s, per_sample_s),
+                           lambda size: size < high, monotone)
     return sizes
 
 

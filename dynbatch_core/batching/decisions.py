@@ -36,6 +36,12 @@ def decide_here(choose: Callable[[], Sequence[float]], count: int, integers: boo
     return [int(round(v)) for v in values] if integers else [float(v) for v in values]
 
 
+def loader_lookahead(num_workers: int, prefetch_factor: int | None = None) -> int:
+    """How many steps a DataLoader with these options asks its sampler for before the step it returns: 0 without
+    workers, else num_workers x prefetch_factor (torch's default 2)."""
+    return 0 if num_workers == 0 else num_workers * (prefetch_factor or 2)
+
+
 def cut_to_remaining(requested: Sequence[int], remaining: int) -> list[int]:
     """The split a step really trains: the requested one, or what is left of the epoch in its proportions (largest
     remainder, so a rank may get 0)."""

@@ -7,8 +7,11 @@ import math
 import statistics
 from typing import Sequence
 
+import numpy as np
+
 from .balancer_base import Balancer
-from .cost_model import AffineCost, expected_step_s, fit_affine, min_max_split, proportional_fit, residual_spread_s
+from .cost_model import (AffineCost, fit_affine_rows, median_rows, min_max_split_rows, proportional_fit_rows,
+                         residual_spread_rows, residual_spread_s)
 
 
 CHANGE_STEPS = 4         # model: this many outlying steps in a row on one side mean the rank's speed changed (3 slow
@@ -61,99 +64,153 @@ class ModelBalancer(Balancer):
         if model_window < 3:
             raise ValueError(f"model balancer: model_window={model_window} must be >= 3 steps")
         self.model_window = model_window
-        # (batch, seconds) per step, seconds None where the step measured nothing (a first step at a new size)
-        self.points: list[list[tuple[float, float | None]]] = [[] for _ in range(world_size)]
-        self.lines: list[AffineCost | None] = [None] * world_size
-        self.affine = [False] * world_size       # the line came from two or more batch sizes
-        self.spreads = [0.0] * world_size        # residual spread of each rank's window around its line, seconds
-        self.outliers = [0] * world_size         # consecutive same-side outlying steps (+ slower, - faster)
+        # The windows, all ranks at once: (ranks x steps) arrays, the oldest step first (every rank holds the same
+        # steps); seconds count only where measured (not a first step at a new size). One vectorised pass per step
+        # decides for every rank what the per-rank rules above say (the same floats: cost_model's *_rows).
+        self._batch = np.zeros((world_size, 0))
+        self._seconds = np.zeros((world_size, 0))
+        self._measured = np.zeros((world_size, 0), dtype=bool)
+        self._fixed_s = np.zeros(world_size)                  # each rank's line t = a + c b, where _has_line
+        self._per_sample_s = np.zeros(world_size)
+        self._has_line = np.zeros(world_size, dtype=bool)
+        self._affine = np.zeros(world_size, dtype=bool)       # the line came from two or more batch sizes
+        self._spreads = np.zeros(world_size)                  # residual spread of each rank's window, seconds
+        self._outliers = np.zeros(world_size, dtype=np.int64)   # consecutive same-side outliers (+ slower, - faster)
         self.sizes_run: list[set[float]] = [set() for _ in range(world_size)]   # batch sizes each rank has run
+        self._last_size = np.full(world_size, np.nan)         # the size each rank ran last (in sizes_run)
         self.steps = 0
-        self.held: list[int] | None = None       # the split in use
+        self.held: list[int] | None = None                    # the split in use
+
+    @property
+    def lines(self) -> list[AffineCost | None]:
+        return [self.cost_line(rank) for rank in range(self.world_size)]
 
     def observe(self, compute_s: Sequence[float], rank_batches: Sequence[int]) -> None:
         self.steps += 1
         if self.steps <= WARMUP_STEPS:
             return
-        for rank, (seconds, batch) in enumerate(zip(compute_s, rank_batches)):
-            self._observe_rank(rank, float(batch), float(seconds))
-
-    def _outlying(self, rank: int, batch: float, seconds: float) -> int:
-        """+1 (-1) when `seconds` lies beyond max(4 residual spreads, 15 %) above (below) the rank's line, else 0."""
-        predicted = self.lines[rank].time_s(batch)
-        residual = seconds - predicted
-        if abs(residual) <= max(4 * self.spreads[rank], CHANGE_FLOOR * predicted):
-            return 0
-        return 1 if residual > 0 else -1
-
-    def _observe_rank(self, rank: int, batch: float, seconds: float) -> None:
-        window, line = self.points[rank], self.lines[rank]
-        first_at_size = batch not in self.sizes_run[rank]
-        self.sizes_run[rank].add(batch)
+        if len(compute_s) != self.world_size or len(rank_batches) != self.world_size:
+            raise ValueError(f"model balancer: one compute_s and one batch per rank ({self.world_size}), got "
+                             f"{len(compute_s)} and {len(rank_batches)}")
+        seconds = np.array(compute_s, dtype=np.float64)
+        batch = np.array(rank_batches, dtype=np.float64)
+        predicted = self._fixed_s + self._per_sample_s * batch
         # The first step at a batch size the rank has not run yet is slow (measured 20-30 % on CPU: kernels and
         # buffers for a new shape): it says nothing of the rank's speed, and keeps only its place in the window,
         # which stays step-aligned with the other ranks'.
-        transient = first_at_size and line is not None and seconds > (1 + CHANGE_FLOOR) * line.time_s(batch)
-        window.append((batch, None if transient else seconds))
-        del window[:-self.model_window]
-        if transient:
+        transient = self._first_at_size(batch) & self._has_line & (seconds > (1 + CHANGE_FLOOR) * predicted)
+        kept = max(0, self._batch.shape[1] + 1 - self.model_window)
+        self._batch = np.concatenate([self._batch[:, kept:], batch[:, None]], axis=1)
+        self._seconds = np.concatenate([self._seconds[:, kept:], seconds[:, None]], axis=1)
+        self._measured = np.concatenate([self._measured[:, kept:], ~transient[:, None]], axis=1)
+        rescaled = np.zeros(self.world_size, dtype=bool)
+        if self._batch.shape[1] > CHANGE_STEPS:
+            checked = self._has_line & ~transient
+            residual = seconds - predicted
+            bound, floor = 4 * self._spreads, CHANGE_FLOOR * predicted
+            outlying = ~(np.abs(residual) <= np.where(floor > bound, floor, bound))
+            side = np.where(outlying, np.where(residual > 0, 1, -1), 0)
+            run = np.where(side == 0, 0, np.where(self._outliers * side > 0, self._outliers + side, side))
+            self._outliers = np.where(checked, run, self._outliers)
+            rescaled = checked & (np.abs(self._outliers) >= CHANGE_STEPS)
+            for rank in np.flatnonzero(rescaled).tolist():   # the rank's speed changed: rescale line and history
+                self._rescale(rank)
+        self._refit(np.flatnonzero(~transient & ~rescaled & self._measured.any(axis=1)))
+
+    def _first_at_size(self, batch: np.ndarray) -> np.ndarray:
+        """Which ranks run a batch size for the first time (and note it in sizes_run)."""
+        first = np.zeros(self.world_size, dtype=bool)
+        for rank in np.flatnonzero(~(batch == self._last_size)).tolist():   # the others ran it in their last step
+            size = float(batch[rank])
+            if size not in self.sizes_run[rank]:
+                first[rank] = True
+                self.sizes_run[rank].add(size)
+        self._last_size = batch
+        return first
+
+    def _rescale(self, rank: int) -> None:
+        """Scale the rank's line by the median measured / predicted ratio of its last CHANGE_STEPS measured steps
+        (a slowdown multiplies both the fixed and the per-sample cost), and the older points' times with it."""
+        window, line = self._window(rank), self.cost_line(rank)
+        recent = [i for i, (_, t) in enumerate(window) if t is not None][-CHANGE_STEPS:]
+        ratio = statistics.median(window[i][1] / max(line.time_s(window[i][0]), 1e-12) for i in recent)
+        # Older points keep their batch sizes and move to the new speed: the window keeps the shape of the cost (a
+        # fit from a few new points alone would be mostly noise) at the level just measured.
+        cut = recent[0]
+        window[:cut] = [(b, None if t is None else t * ratio) for b, t in window[:cut]]
+        self._seconds[rank, :cut] = [0.0 if t is None else t for _, t in window[:cut]]
+        line = line.scaled(ratio)
+        self._fixed_s[rank], self._per_sample_s[rank], self._outliers[rank] = line.a_s, line.c_s, 0
+        self._spreads[rank] = residual_spread_s(_measured(window), line)
+
+    def _refit(self, ranks: np.ndarray) -> None:
+        """Refit `ranks` (each with a measured point in its window) on their windows."""
+        if ranks.size == 0:
             return
-        if line is not None and len(window) > CHANGE_STEPS:
-            side = self._outlying(rank, batch, seconds)
-            if side:
-                self.outliers[rank] = self.outliers[rank] + side if self.outliers[rank] * side > 0 else side
-            else:
-                self.outliers[rank] = 0
-            if abs(self.outliers[rank]) >= CHANGE_STEPS:  # the rank's speed changed: rescale line and history
-                recent = [i for i, (_, t) in enumerate(window) if t is not None][-CHANGE_STEPS:]
-                ratio = statistics.median(window[i][1] / max(line.time_s(window[i][0]), 1e-12) for i in recent)
-                # Older points keep their batch sizes and move to the new speed: the window keeps the shape of the
-                # cost (a fit from a few new points alone would be mostly noise) at the level just measured.
-                cut = recent[0]
-                window[:cut] = [(b, None if t is None else t * ratio) for b, t in window[:cut]]
-                self.lines[rank], self.outliers[rank] = line.scaled(ratio), 0
-                self.spreads[rank] = residual_spread_s(_measured(window), self.lines[rank])
-                return
-        window = _measured(window)
-        if not window:  # only steps that measured nothing (first steps at new sizes) are left in the window
-            return
+        batch, seconds, measured = self._batch[ranks], self._seconds[ranks], self._measured[ranks]
         # A slope from batch sizes close together is mostly timing noise: fit on pairs of points far enough apart,
         # and without such a pair keep the last line fitted on them.
-        median_batch = statistics.median(b for b, _ in window)
-        fitted = fit_affine(window, min_gap=max(2.0, MIN_BATCH_SPREAD * median_batch) - 1e-9)
-        if fitted is not None:
-            self.lines[rank], self.affine[rank] = _at_most_half_fixed(fitted, median_batch), True
-        elif not self.affine[rank]:  # no line from a spread yet: follow the level of the window's own points
-            self.lines[rank] = proportional_fit(window)
-        if self.lines[rank] is not None:
-            self.spreads[rank] = residual_spread_s(window, self.lines[rank])
+        median_batch = median_rows(batch, measured)
+        spread = MIN_BATCH_SPREAD * median_batch
+        fixed_s, per_sample_s, fitted = fit_affine_rows(batch, seconds, measured,
+                                                        np.where(spread > 2.0, spread, 2.0) - 1e-9)
+        fixed_s, per_sample_s = _at_most_half_fixed_rows(fixed_s, per_sample_s, median_batch, fitted)
+        self._fixed_s[ranks[fitted]], self._per_sample_s[ranks[fitted]] = fixed_s[fitted], per_sample_s[fitted]
+        self._has_line[ranks[fitted]] = self._affine[ranks[fitted]] = True
+        level = ~fitted & ~self._affine[ranks]   # no line from a spread yet: follow the level of the window's points
+        if level.any():
+            ratio_c, ratio_ok = proportional_fit_rows(batch[level], seconds[level], measured[level])
+            self._fixed_s[ranks[level]], self._per_sample_s[ranks[level]] = 0.0, ratio_c
+            self._has_line[ranks[level]] = ratio_ok
+        spread_ranks = self._has_line[ranks]
+        ranks = ranks[spread_ranks]
+        self._spreads[ranks] = residual_spread_rows(batch[spread_ranks], seconds[spread_ranks],
+                                                    measured[spread_ranks], self._fixed_s[ranks],
+                                                    self._per_sample_s[ranks])
+
+    def _window(self, rank: int) -> list[tuple[float, float | None]]:
+        return [(b, t if m else None) for b, t, m in zip(self._batch[rank].tolist(), self._seconds[rank].tolist(),
+                                                         self._measured[rank].tolist())]
+
+    def _residual_rows(self) -> np.ndarray:
+        """(steps x ranks): see residuals()."""
+        limit = (RESIDUAL_LIMIT * self._spreads)[:, None]
+        residual = self._seconds - (self._fixed_s[:, None] + self._per_sample_s[:, None] * self._batch)
+        residual = np.where(-limit > residual, -limit, residual)
+        return np.where(self._measured, np.where(limit < residual, limit, residual), 0.0).T
 
     def residuals(self) -> list[list[float]]:
         """Per step of the window, every rank's measured minus predicted seconds (the windows are step-aligned),
         each limited to RESIDUAL_LIMIT residual spreads of its rank: the first step's warm-up, or a step in which
         the machine descheduled a rank, says nothing about the next step and must not decide the split."""
-        columns = []
-        for window, line, spread in zip(self.points, self.lines, self.spreads):
-            limit = RESIDUAL_LIMIT * spread
-            columns.append([0.0 if t is None else min(max(t - line.time_s(b), -limit), limit) for b, t in window])
-        return [list(row) for row in zip(*columns)]
+        return self._residual_rows().tolist()
+
+    def _expected_step_s(self, split: np.ndarray, residuals: np.ndarray) -> float:
+        """cost_model.expected_step_s of this split on the lines and residual rows."""
+        times = self._fixed_s + self._per_sample_s * split
+        if len(residuals) == 0:
+            return float(times.max())
+        return sum((times + residuals).max(axis=1).tolist()) / len(residuals)
 
     def cost_line(self, rank: int) -> AffineCost | None:
-        return self.lines[rank]
+        if not self._has_line[rank]:
+            return None
+        return AffineCost(float(self._fixed_s[rank]), float(self._per_sample_s[rank]))
 
     def split(self, global_batch: int) -> list[int]:
-        if any(line is None for line in self.lines):
+        if not self._has_line.all():
             return super().split(global_batch)
-        residuals = self.residuals()
-        best = min_max_split(global_batch, self.lines, min_size=self.min_rank_batch, max_size=self.max_rank_batch)
+        residuals = self._residual_rows()
+        best = min_max_split_rows(global_batch, self._fixed_s, self._per_sample_s, min_size=self.min_rank_batch,
+                                  max_size=self.max_rank_batch)
         held = self.held
         # Hysteresis: the expected step time is a mean over the window, so its noise is the residual spread over
         # the square root of the window's length.
-        margin = max(self.spreads) / math.sqrt(max(1, len(residuals)))
-        if held is None or sum(held) != global_batch or _beats(expected_step_s(best, self.lines, residuals),
-                                                               expected_step_s(held, self.lines, residuals), margin):
-            self.held = held = best
-        if all(self.affine):
+        margin = float(self._spreads.max()) / math.sqrt(max(1, len(residuals)))
+        if held is None or sum(held) != global_batch or _beats(
+                self._expected_step_s(best, residuals), self._expected_step_s(np.array(held), residuals), margin):
+            self.held = held = best.tolist()
+        if self._affine.all():
             return list(held)
         return self._spread(held)
 
@@ -171,30 +228,53 @@ class ModelBalancer(Balancer):
         return split
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "points": [[list(p) for p in window] for window in self.points],
+        points = [[[b, t if m else None] for b, t, m in zip(*row)]
+                  for row in zip(self._batch.tolist(), self._seconds.tolist(), self._measured.tolist())]
+        return {**super().state_dict(), "points": points,
                 "lines": [[] if line is None else [line.a_s, line.c_s] for line in self.lines],
-                "affine": list(self.affine), "spreads": list(self.spreads), "outliers": list(self.outliers),
-                "steps": self.steps, "held": [] if self.held is None else list(self.held),
+                "affine": self._affine.tolist(), "spreads": self._spreads.tolist(),
+                "outliers": self._outliers.tolist(), "steps": self.steps,
+                "held": [] if self.held is None else list(self.held),
                 "sizes_run": [sorted(sizes) for sizes in self.sizes_run]}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.points = [[(float(b), None if t is None else float(t)) for b, t in window] for window in state["points"]]
-        self.lines = [AffineCost(*line) if line else None for line in state["lines"]]
-        self.affine, self.spreads = list(state["affine"]), list(state["spreads"])
-        self.outliers, self.steps = list(state["outliers"]), state["steps"]
+        points = state["points"]
+        if len(points) != self.world_size or len({len(window) for window in points}) > 1:
+            raise ValueError(f"model balancer state: every one of the {self.world_size} ranks' windows must hold "
+                             f"the same steps, got {[len(window) for window in points]} points")
+        steps = len(points[0]) if points else 0
+        shape = (self.world_size, steps)
+        self._batch = np.array([[float(b) for b, _ in window] for window in points], dtype=np.float64).reshape(shape)
+        self._seconds = np.array([[0.0 if t is None else float(t) for _, t in window] for window in points],
+                                 dtype=np.float64).reshape(shape)
+        self._measured = np.array([[t is not None for _, t in window] for window in points],
+                                  dtype=bool).reshape(shape)
+        self._has_line = np.array([bool(line) for line in state["lines"]], dtype=bool)
+        self._fixed_s = np.array([line[0] if line else 0.0 for line in state["lines"]], dtype=np.float64)
+        self._per_sample_s = np.array([line[1] if line else 0.0 for line in state["lines"]], dtype=np.float64)
+        self._affine = np.array(state["affine"], dtype=bool)
+        self._spreads = np.array(state["spreads"], dtype=np.float64)
+        self._outliers = np.array(state["outliers"], dtype=np.int64)
+        self.steps = state["steps"]
         self.held = list(state["held"]) or None
         self.sizes_run = [set(map(float, sizes)) for sizes in state.get("sizes_run", [[]] * self.world_size)]
+        self._last_size = np.full(self.world_size, np.nan)
 
 
-def _at_most_half_fixed(line: AffineCost, batch: float) -> AffineCost:
-    """The line, or where its fixed cost is over MAX_FIXED_SHARE of its time at `batch` (the window's median), the
+def _at_most_half_fixed_rows(fixed_s: np.ndarray, per_sample_s: np.ndarray, batch: np.ndarray,
+                             fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each line, or where its fixed cost is over MAX_FIXED_SHARE of its time at `batch` (the window's median), the
     line through that point with that share. A slope flattened by load (0.25 ms/sample where 1.1 was true, in a
-    [1,3] run under load) made moving samples to that rank look free, and a split 6 samples off balance was held."""
-    seconds = line.time_s(batch)
-    if line.a_s <= MAX_FIXED_SHARE * seconds:
-        return line
-    return AffineCost(MAX_FIXED_SHARE * seconds, (1 - MAX_FIXED_SHARE) * seconds / batch)
+    [1,3] run under load) made moving samples to that rank look free, and a split 6 samples off balance was held.
+    Only rows where `fitted` count."""
+    seconds = fixed_s + per_sample_s * batch
+    kept = fixed_s <= MAX_FIXED_SHARE * seconds
+    if (fitted & ~kept & (batch == 0)).any():
+        raise ZeroDivisionError("float division by zero")   # as the per-rank code did: a median batch of 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = (1 - MAX_FIXED_SHARE) * seconds / batch
+    return np.where(kept, fixed_s, MAX_FIXED_SHARE * seconds), np.where(kept, per_sample_s, moved)
 
 
 def _measured(window: list[tuple[float, float | None]]) -> list[tuple[float, float]]:
