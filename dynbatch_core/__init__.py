@@ -6,33 +6,49 @@
 
 Three layers (README, Layout): batching/ (pure decisions: schedules, balancers, goodput, noise scale, LR rules),
 engine/ (the ranks: sampler, loader, exact step, training loop, launch), study/ (tables, figures, findings, the
-report), on top of config.py, records.py, models.py and data.py. Drop-in pieces for your own DDP loop, all
-importable from here: DynamicBatchSampler and epoch_order (engine/sampler.py), uneven_batch_loss and GradientSync
-(engine/step.py), wrap_ddp and exchange_measurements (engine/ddp_step.py), planned_loader and prefetch_depth
-(engine/loader.py), decided_by_rank0 (engine/agreement.py), the balancers and schedules (batching/). For your own
-loop, one object holds them all: DynamicBatches (engine/dynamic_batches.py; examples/ddp_loop.py, fsdp_loop.py).
-"""
-from .batching.balancer_base import Balancer, largest_remainder_split
-from .batching.balancers import BALANCERS, build_balancer
-from .batching.lr import scaled_lr
-from .batching.schedules import SCHEDULES, EpochSummary, Schedule, build_schedule
-from .config import RunConfig
-from .data import DATASET_NAMES, load_datasets
-from .models import MODEL_NAMES, build_model
-from .records import RunResult, read_run
-from .engine.agreement import check_ranks_agree, decided_by_rank0
-from .engine.ddp_step import exchange_measurements, wrap_ddp
-from .engine.dynamic_batches import DynamicBatches
-from .engine.distributed import exit_without_teardown
-from .engine.launch import RunFailed, RunInterrupted, run
-from .engine.loader import planned_loader, prefetch_depth
-from .engine.sampler import DynamicBatchSampler, epoch_order
-from .engine.step import GradientSync, train_step, uneven_batch_loss
-from .engine.validation import validate_config
+report), on top of config.py, records.py, models.py and data.py; simulation/ drives batching/'s decisions for
+simulated clusters without torch. Drop-in pieces for your own DDP loop, all importable from here:
+DynamicBatchSampler and epoch_order (engine/sampler.py), uneven_batch_loss and GradientSync (engine/step.py),
+wrap_ddp and exchange_measurements (engine/ddp_step.py), planned_loader and prefetch_depth (engine/loader.py),
+decided_by_rank0 (engine/agreement.py), the balancers and schedules (batching/). For your own loop, one object
+holds them all: DynamicBatches (engine/dynamic_batches.py; examples/ddp_loop.py, fsdp_loop.py).
 
-__all__ = ["DynamicBatches", "BALANCERS", "Balancer", "build_balancer", "largest_remainder_split", "RunConfig", "validate_config",
-           "DATASET_NAMES", "load_datasets", "RunResult", "read_run", "MODEL_NAMES", "build_model",
-           "DynamicBatchSampler", "epoch_order", "SCHEDULES", "EpochSummary", "Schedule", "build_schedule", "scaled_lr",
-           "GradientSync", "train_step", "uneven_batch_loss", "wrap_ddp", "exchange_measurements", "planned_loader",
-           "prefetch_depth", "run", "RunFailed", "RunInterrupted", "decided_by_rank0",
-           "check_ranks_agree", "exit_without_teardown"]
+Names are imported on first use (PEP 562), so `import dynbatch_core.batching` or the simulator never loads torch.
+"""
+import importlib
+
+_SOURCES = {   # public name -> the module that defines it
+    "Balancer": "batching.balancer_base", "largest_remainder_split": "batching.balancer_base",
+    "BALANCERS": "batching.balancers", "build_balancer": "batching.balancers",
+    "scaled_lr": "batching.lr",
+    "SCHEDULES": "batching.schedules", "EpochSummary": "batching.schedules", "Schedule": "batching.schedules",
+    "build_schedule": "batching.schedules",
+    "RunConfig": "config",
+    "DATASET_NAMES": "data", "load_datasets": "data",
+    "MODEL_NAMES": "models", "build_model": "models",
+    "RunResult": "records", "read_run": "records",
+    "check_ranks_agree": "engine.agreement", "decided_by_rank0": "engine.agreement",
+    "exchange_measurements": "engine.ddp_step", "wrap_ddp": "engine.ddp_step",
+    "DynamicBatches": "engine.dynamic_batches",
+    "exit_without_teardown": "engine.distributed",
+    "RunFailed": "engine.launch", "RunInterrupted": "engine.launch", "run": "engine.launch",
+    "planned_loader": "engine.loader", "prefetch_depth": "engine.loader",
+    "DynamicBatchSampler": "engine.sampler", "epoch_order": "engine.sampler",
+    "GradientSync": "engine.step", "train_step": "engine.step", "uneven_batch_loss": "engine.step",
+    "validate_config": "engine.validation",
+    "simulate": "simulation.simulator",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'dynbatch_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SOURCES))

@@ -3,6 +3,8 @@
     python -m dynbatch_core train --dataset mnist --data-dir DIR --model resnet20 --world-size 2 \
         --epochs 2 --train-samples 8192
     torchrun --standalone --nproc-per-node 2 -m dynbatch_core train --dataset mnist --epochs 1
+    python -m dynbatch_core simulate --world-size 1024 --devices "A100 80GB SXM4:512,V100 16GB:512" \
+        --balancer pid --batch-size 65536 --train-samples 1280000 --epochs 1 --out runs/sim
 
 Bad input exits with code 2 and one line on stderr, before any process is spawned.
 """
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one run (spawns --world-size ranks, or joins torchrun's)",
                                 formatter_class=_DefaultsFormatter, epilog=_names_epilog())
     add_config_flags(train)
+    commands.add_parser("simulate", add_help=False, help="simulate a run on a modelled cluster, no torch (see "
+                        "simulate --help)")
     from .study.report import add_report_parser
     add_report_parser(commands)
     return parser
@@ -103,6 +107,9 @@ def _explicit_flags(argv: list[str] | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["simulate"]:   # its own parser: the train parser's help lists models, which imports torch
+        return main_simulate(given[1:])
     args = build_parser().parse_args(argv)
     if args.command == "report":
         from .study.report import main_report
@@ -133,3 +140,87 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m dynbatch_core train: interrupted; every rank stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def build_simulate_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(prog="python -m dynbatch_core simulate", formatter_class=_DefaultsFormatter,
+                                 description="Simulate a run: the real schedule and balancer decide every step, "
+                                 "a cost model of each rank replaces its compute (dynbatch_core/simulation/). "
+                                 "Writes steps.csv, steps_summary.csv, epochs.csv and config.json.")
+    ranks = parser.add_argument_group("the cluster (one of --devices, --calibrate, --emulated-sample-ms)")
+    ranks.add_argument("--devices", default=None, metavar="NAME:COUNT,...",
+                       help="ranks of profiled cards in order, e.g. 'A100 80GB SXM4:4,V100 16GB:4' (names: "
+                            "simulation/profiles.py)")
+    ranks.add_argument("--calibrate", default=None, metavar="RUN_DIR",
+                       help="ranks fitted to a real run's steps.csv (world size: that run's)")
+    ranks.add_argument("--reference-sample-ms", type=float, default=2.0,
+                       help="with --devices: a V100's milliseconds per sample of your model")
+    ranks.add_argument("--step-ms", type=float, default=10.0, help="with --devices: fixed ms per step (assumed)")
+    ranks.add_argument("--cv", type=float, default=0.03, help="with --devices: step-time noise (log-normal CV)")
+    ranks.add_argument("--spike-prob", type=float, default=0.0, help="with --devices: chance of a spike per step")
+    ranks.add_argument("--spike-factor", type=float, default=3.0, help="with --devices: a spike's slowdown")
+    network = parser.add_argument_group("the gradient reduction (ring all-reduce, alpha-beta)")
+    network.add_argument("--gradient-mb", type=float, default=0.0, help="MB of gradients per step")
+    network.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link bandwidth, Gb/s")
+    network.add_argument("--latency-us", type=float, default=5.0, help="per-message latency, microseconds")
+    network.add_argument("--overlap", type=float, default=0.0, help="fraction hidden behind the backward pass")
+    learning = parser.add_argument_group("progress (McCandlish: a step at B is 1 / (1 + B_crit / B) optimal steps)")
+    learning.add_argument("--critical-batch", type=float, default=1024.0, help="B_crit, samples")
+    learning.add_argument("--min-steps", type=float, default=2000.0, help="S_min, optimal steps to the target")
+    parser.add_argument("--rank-rows", default=None, metavar="all|R0,R1,...",
+                        help="ranks with rows in steps.csv (default: all up to 64 ranks, else a subsample)")
+    add_config_flags(parser.add_argument_group("the run (the train command's flags; model and data ones are "
+                                               "ignored)"))
+    return parser
+
+
+def main_simulate(argv: list[str]) -> int:
+    from .simulation import calibration, profiles
+    from .simulation.cluster import Cluster, Network
+    from .simulation.learning import LearningCurve
+    from .simulation.simulator import simulate
+    args = build_simulate_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    try:
+        given = [name for name in ("devices", "calibrate") if getattr(args, name)]
+        if len(given) > 1:
+            raise ValueError("give one of --devices and --calibrate")
+        network = Network(gradient_bytes=args.gradient_mb * 1e6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8,
+                          latency_s=args.latency_us * 1e-6, overlap=args.overlap)
+        values = {name: value for name, value in vars(args).items() if name in fields}
+        cluster = None
+        if args.devices:
+            counts = {}
+            for part in args.devices.split(","):
+                name, _, count = part.rpartition(":")
+                if not name or not count.strip().isdigit():
+                    raise ValueError(f"--devices {args.devices!r}: expected NAME:COUNT,... like 'A10:2,RTX 3090:2'")
+                counts[name.strip()] = counts.get(name.strip(), 0) + int(count)
+            ranks = profiles.mix(counts, reference_sample_s=args.reference_sample_ms / 1000,
+                                 step_s=args.step_ms / 1000, cv=args.cv, spike_prob=args.spike_prob,
+                                 spike_factor=args.spike_factor)
+            cluster = Cluster(ranks, network=network)
+        elif args.calibrate:
+            cluster = calibration.cluster_from_run(args.calibrate, network=network)
+        elif args.emulated_sample_ms is None:
+            raise ValueError("say what the ranks cost: --devices, --calibrate or --emulated-sample-ms")
+        world_size_given = any(arg == "--world-size" or arg.startswith("--world-size=") for arg in argv)
+        if cluster is not None and not world_size_given:
+            values["world_size"] = cluster.world_size
+        config = RunConfig(**values)
+        rank_rows = None
+        if args.rank_rows == "all":
+            rank_rows = range(config.world_size)
+        elif args.rank_rows is not None:
+            rank_rows = _comma_list(int)(args.rank_rows)
+        result = simulate(config, cluster, out=args.out, overwrite=args.overwrite, rank_rows=rank_rows,
+                          curve=LearningCurve(critical_batch=args.critical_batch, min_steps=args.min_steps))
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        print(f"python -m dynbatch_core simulate: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as error:   # a simulated out-of-memory
+        print(f"python -m dynbatch_core simulate: {error}", file=sys.stderr)
+        return 1
+    print(result.run_dir)
+    return 0
+

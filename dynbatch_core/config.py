@@ -219,6 +219,9 @@ def stored_config(run_dir: str | Path) -> RunConfig:
     except json.JSONDecodeError as error:
         raise ValueError(f"--resume {run_dir}: config.json is corrupt ({error})") from None
     values.pop("resolved", None)
+    if "simulation" in values:
+        raise ValueError(f"--resume {run_dir}: a simulated run (python -m dynbatch_core simulate) has no checkpoints "
+                         "to resume; simulate it again")
     return RunConfig.from_dict(with_current_names(values))
 
 

@@ -1,9 +1,11 @@
-"""The package's layers, from every module's import statements (read with ast: importing a subpackage would run
-dynbatch_core/__init__.py, which imports torch). Lower layers never import higher ones:
+"""The package's layers, from every module's import statements (read with ast, so imports inside functions count
+too). Lower layers never import higher ones:
 
-    batching  <  config, records, models, data  <  engine  <  study  <  integrations  <  cli, __main__, __init__
+    batching  <  config, records, models, data  <  engine, simulation  <  study  <  integrations  <  cli, __main__,
+    __init__
 
-batching/ is pure decisions: the standard library, numpy and batching/ itself, nothing else (no torch). A new
+batching/ is pure decisions: the standard library, numpy and batching/ itself, nothing else (no torch). simulation/
+runs without torch: of engine/ it reads emulation.py only (the slowdown plans), and it never imports torch. A new
 subpackage must be given its place here, or this test fails."""
 import ast
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dynbatch_core"
-LAYERS = {"batching": 0, "config": 1, "records": 1, "models": 1, "data": 1, "engine": 2, "study": 3,
+LAYERS = {"batching": 0, "config": 1, "records": 1, "models": 1, "data": 1, "engine": 2, "simulation": 2, "study": 3,
           "integrations": 4, "cli": 5, "__main__": 5, "__init__": 5}
 BATCHING_MAY_IMPORT = {"numpy"}
 
@@ -79,6 +81,14 @@ def test_no_module_imports_a_higher_layer(module):
         their_room, their_layer = layer_of(imported)
         assert their_layer <= layer, f"{module}:{line} ({room}, layer {layer}) imports {imported} ({their_room}, " \
                                      f"layer {their_layer})"
+
+
+@pytest.mark.parametrize("module", [name for name in modules() if name.startswith("dynbatch_core.simulation")])
+def test_simulation_imports_no_torch_and_of_the_engine_only_its_emulation(module):
+    for imported, line in imports(module, modules()[module]):
+        assert imported.split(".")[0] != "torch", f"{module}:{line} imports {imported}"
+        if imported.startswith("dynbatch_core.engine"):
+            assert imported == "dynbatch_core.engine.emulation", f"{module}:{line} imports {imported}"
 
 
 def test_the_layers_hold_rooms_for_what_comes_next_and_the_check_sees_relative_and_lazy_imports(tmp_path):

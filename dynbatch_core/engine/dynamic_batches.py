@@ -104,7 +104,6 @@ class DynamicBatches:
         self.trained_plan: StepPlan | None = None   # the last step trained (the sampler may have run ahead)
         self.pending: Step | None = None            # the step handed out and not yet measured
         self.epoch_loss_sum, self.epoch_samples, self.epoch_elapsed_s = 0.0, 0, 0.0
-        self.last_exchange: tuple[list[float], list[int], list[float]] | None = None
         self.segment_started = time.perf_counter()
         self.replanned: dict[int, int] = {}   # {step: B} planned on another number of ranks, to split anew
 
@@ -185,7 +184,6 @@ class DynamicBatches:
         compute, batches, loss_sums, _ = exchange_step_stats(
             self.clock.compute_s, step.batch, step.loss_sum(), local_sq, rank=self.rank,
             world_size=self.world_size, device=self.device)
-        self.last_exchange = (compute, batches, loss_sums)
         self.trained(step.plan, compute, batches, loss_sums=loss_sums, overhead_s=max(0.0, step_s - max(compute)))
         if self.remaining_after(step.plan) == 0:
             now = time.perf_counter()

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate
 
+from ..batching.decisions import loader_lookahead
 from .sampler import DynamicBatchSampler, StepPlan
 
 
@@ -94,4 +95,4 @@ def prefetch_depth(loader: DataLoader) -> int:
     if not isinstance(loader, DataLoader):
         raise TypeError(f"prefetch_depth(loader) takes the DataLoader itself (its num_workers and prefetch_factor), "
                         f"got {type(loader).__name__}")
-    return 0 if loader.num_workers == 0 else loader.num_workers * (loader.prefetch_factor or 2)
+    return loader_lookahead(loader.num_workers, loader.prefetch_factor)
