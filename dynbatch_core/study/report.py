@@ -28,7 +28,7 @@ from ..records import write_atomic
 from .notebook import find_repo_root
 from ..records import git_commit
 
-NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive")
+NOTEBOOKS = ("1gpu_mnist", "1gpu_cifar10", "2gpu", "4gpu", "heterogeneous", "adaptive", "cluster")
 PARAMETER_SETS = ("report", "full", "defaults")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -204,6 +204,8 @@ def _notebook_section(repo: Path, out: Path, notebook: str, failed: Mapping[str,
              f"`notebooks/{notebook}.ipynb` ({meta.get('seconds', float('nan')) / 60:.1f} min), parameters "
              f"from {source}, git commit `{summary.get('git_commit')}`.\n",
              f"Parameters: {_parameter_line(repo, notebook, executed)}.\n"]
+    if summary.get("headline"):   # a notebook's answers in a few sentences, before its figures (cluster's)
+        lines.append("**In short:** " + " ".join(summary["headline"]) + "\n")
     for figure in summary["figures"]:
         lines.append(f"### {figure['title']}\n\n![{figure['title']}](figures/{figure['png']})\n")
         data = f"[`figures/{figure['csv']}`](figures/{figure['csv']})"
