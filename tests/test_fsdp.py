@@ -317,5 +317,7 @@ def test_compute_time_leaves_out_waiting_for_a_slower_rank(fsdp_results):
     rank1_slow = statistics.median(step[1] for step in timing["rank 1 slow"])
     print(f"rank 0 median: {rank0_equal * 1e3:.1f} ms equal, {rank0_slow * 1e3:.1f} ms with rank 1 slow; "
           f"rank 1 slow: {rank1_slow * 1e3:.1f} ms; launch {fsdp_results['seconds']:.1f} s")
-    assert abs(rank0_slow / rank0_equal - 1) <= 0.15
     assert rank1_slow >= 2 * rank0_slow
+    # Waiting counted as compute would bring rank 0 up to rank 1's time; a ~20 ms step here varies by 15 % and more
+    # (CI measured 21.5 against 18.5 ms once), so the bound is a share of the wait it must leave out, not of noise.
+    assert abs(rank0_slow - rank0_equal) <= 0.25 * (rank1_slow - rank0_equal)

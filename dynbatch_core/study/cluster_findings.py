@@ -184,8 +184,9 @@ def short_model_vs_pid(ratios: pd.DataFrame) -> str:
     clear = "; ".join(f"{'above' if row.side == 'above' else 'below'} at N = {row.world_size} "
                       f"{_level(row.cv, row.spike_prob)} ({row.median:.3f} [{row.low:.3f}–{row.high:.3f}])"
                       for row in ratios.itertuples() if row.side != "within")
-    return (f"Is model ≥ pid? Over {verdict['levels']} noise levels (N = {sizes}; {int(ratios['seeds'].min())}+ seeds "
-            f"each, paired by seed) model's throughput over pid's had medians {verdict['median_low']:.3f}–"
+    seeds = int(ratios["seeds"].min())
+    return (f"Is model ≥ pid? Over {verdict['levels']} noise levels (N = {sizes}; {seeds}+ seeds each, paired by "
+            f"seed) model's throughput over pid's had medians {verdict['median_low']:.3f}–"
             f"{verdict['median_high']:.3f}, and its 10th–90th percentile band lay clear of 1 at "
             f"{verdict['above'] + verdict['below']} of them ({clear or 'none'}) and held 1 at the other "
             f"{verdict['within']}: {verdict['answer']}.")
