@@ -72,6 +72,18 @@ def test_settle_step_is_first_step_after_which_every_rank_stays_in_the_band():
     assert settle_step(SPLIT_STEPS, change_step=3, ideal=[6, 2], tolerance=0.25) == 3
 
 
+def test_settle_step_with_hold_is_the_first_run_of_that_many_settled_steps():
+    # in the band (only [6, 2]) at steps 2, 4, 5: step 3 breaks the first run
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], hold=1) == 2
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], hold=2) == 4
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], hold=3) is None
+    # a run left again still counts: [5, 3] is in its 0.2-sample band at steps 1 and 3 only
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[5, 3], hold=1) == 1
+    assert settle_step(SPLIT_STEPS, change_step=0, ideal=[5, 3]) is None
+    with pytest.raises(ValueError, match="hold must be at least 1"):
+        settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], hold=0)
+
+
 def test_settle_step_is_none_when_the_window_ends_unsettled_or_is_empty():
     assert settle_step(SPLIT_STEPS, change_step=0, ideal=[6, 2], end_step=4) is None
     assert settle_step(SPLIT_STEPS, change_step=0, ideal=[4, 4]) is None

@@ -339,7 +339,8 @@ def test_cluster_simulator_splits_as_the_engine_and_balancing_pays_as_far_as_its
     assert summary["headline"][0].startswith("Is model ≥ pid?")
     real = pd.DataFrame(summary["real_validation"])
     assert set(real.balancer) == {"pid", "model"} and set(real.source) == {"real", "simulated"}
-    assert real.calibration.sum() == 1 and (real.throughput > 0).all()
+    assert set(real.calibrate_on) == {"pid", "model"} and (real.throughput > 0).all()
+    assert (real.groupby("calibrate_on").calibration.sum() == 1).all()   # one repeat calibrated on, per row
     assert summary["real_source"] == "stand-in" or summary["real_source"].startswith("recorded ")
 
 

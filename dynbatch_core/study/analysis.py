@@ -81,11 +81,13 @@ def ceiling_speedup(slowdowns: Sequence[float]) -> float:
 
 
 def settle_step(steps: pd.DataFrame, change_step: int, ideal: Sequence[float], tolerance: float = 0.05,
-                end_step: int | None = None) -> int | None:
+                end_step: int | None = None, hold: int | None = None) -> int | None:
     """First step s >= change_step from which every rank's batch stays within tolerance * B/n of `ideal`.
 
     B = sum(ideal), n = len(ideal). Only steps in [change_step, end_step) are looked at (end_step: the next change).
-    None when the window's last step is not settled (or the window is empty).
+    hold=None: stays to the window's end, and None when the window's last step is not settled (or the window is
+    empty). hold=k: stays for k steps in a row (the first such run; a later excursion, e.g. a burst of load on a
+    real machine, does not undo it), None when no such run exists.
     """
     batches = _rank_batches(_window(steps, change_step, end_step))
     if batches.empty:
@@ -94,6 +96,12 @@ def settle_step(steps: pd.DataFrame, change_step: int, ideal: Sequence[float], t
         raise ValueError(f"ideal has {len(ideal)} entries but the steps hold {batches.shape[1]} ranks")
     band = tolerance * sum(ideal) / len(ideal)
     settled = (batches.sub(np.asarray(ideal, float), axis=1).abs() <= band + 1e-9).all(axis=1).to_numpy()
+    if hold is not None:
+        if hold < 1:
+            raise ValueError(f"hold must be at least 1 step, got {hold}")
+        runs = np.convolve(settled.astype(int), np.ones(hold, int), mode="valid")   # settled steps in each window
+        starts = np.flatnonzero(runs == hold)
+        return int(batches.index[starts[0]]) if starts.size else None
     if not settled[-1]:
         return None
     unsettled = np.flatnonzero(~settled)

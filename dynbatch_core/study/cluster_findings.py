@@ -54,20 +54,42 @@ def _range(values: pd.Series, fmt: str) -> str:
 
 
 def describe_real_validation(table: pd.DataFrame, extra: Mapping, source: str) -> list[str]:
-    """The calibration, then per balancer the simulated seeds against the real repeats not calibrated on."""
+    """real_validations' table and extra: per calibration, the calibrated costs, then per balancer the simulated
+    seeds against the real repeats not calibrated on."""
     if source == "stand-in":
         sentences = ["No recorded real repeats were found, so the 'real' runs here are a stand-in simulated from "
                      "profiles.MEASURED['cpu-here'] (the calibration of this machine's real [1,3] runs): this "
                      "checks that calibrating on one run reproduces the others, not the simulator against reality."]
     else:
         sentences = [f"Real repeats from {source.removeprefix('recorded ')}."]
+    for calibrate_on, calibrated in extra["by_calibration"].items():
+        sentences += _describe_calibration(table[table["calibrate_on"] == calibrate_on], calibrated)
+    if len(extra["by_calibration"]) > 1:
+        steps_ms = {on: _balanced_step_ms(calibrated) for on, calibrated in extra["by_calibration"].items()}
+        sentences.append("At their equal-time splits the calibrations predict a slowest-rank compute of "
+                         + ", ".join(f"{ms:.1f} ms ({on}'s repeat 0)" for on, ms in steps_ms.items())
+                         + ": a calibration carries the pace of the run it was fitted on.")
+    first = next(iter(extra["by_calibration"].values()))
+    sentences.append(f"Settle steps: the first of {first['settle_hold']} steps in a row with every rank within "
+                     f"{100 * first['tolerance']:.0f} % of B/N of the calibrated costs' equal-time split.")
+    return sentences
+
+
+def _balanced_step_ms(calibrated: Mapping) -> float:
+    """The slowest rank's predicted compute at the calibration's equal-time split, in ms."""
+    costs, slowdown = calibrated["costs"], calibrated["fields"]["slowdown"]
+    return max((row.a_ms + row.c_ms * b) * k
+               for row, b, k in zip(costs.itertuples(), calibrated["ideal_split"], slowdown))
+
+
+def _describe_calibration(table: pd.DataFrame, extra: Mapping) -> list[str]:
     costs = extra["costs"]
     lines = "; ".join(f"rank {row.rank} a = {row.a_ms:.1f} ms, c = {row.c_ms:.2f} ms/sample, CV {row.cv:.3f}, "
                       f"{100 * row.spike_prob:.1f} % spikes of {row.spike_factor:.2f}×" for row in costs.itertuples())
     split = ", ".join(f"{b:.1f}" for b in extra["ideal_split"])
-    sentences.append(f"Calibrated on {extra['calibrate_on']} repeat 0 (slowdown divided out): {lines}; "
-                     f"{1000 * extra['overhead_s']:.1f} ms a step beyond the slowest rank's compute; the equal-time "
-                     f"split of these costs at k = {list(extra['fields']['slowdown'])} is [{split}].")
+    sentences = [f"Calibrated on {extra['calibrate_on']} repeat 0 (slowdown divided out): {lines}; "
+                 f"{1000 * extra['overhead_s']:.1f} ms a step beyond the slowest rank's compute; the equal-time "
+                 f"split of these costs at k = {list(extra['fields']['slowdown'])} is [{split}]."]
     for balancer, part in table.groupby("balancer", sort=False):
         real = part[(part["source"] == "real") & ~part["calibration"]]
         simulated = part[part["source"] == "simulated"]
@@ -83,11 +105,15 @@ def describe_real_validation(table: pd.DataFrame, extra: Mapping, source: str) -
                  f"{100 * (median / high - 1):.0f} % above their highest" if median > high else
                  f"{100 * (1 - median / low):.0f} % below their lowest")
         never = int(real["settle_steps"].isna().sum())
+        settle_inside = bool(real["settle_steps"].notna().any() and simulated["settle_steps"].notna().all()
+                             and real["settle_steps"].min() <= simulated["settle_steps"].min()
+                             and simulated["settle_steps"].max() <= real["settle_steps"].max())
         sentences.append(
             sentence + f" against the real repeats' {_range(real['throughput'], '.0f')} ({len(real)} "
             f"repeat{'s' if len(real) > 1 else ''}): {where}; settle steps simulated "
             f"{_range(simulated['settle_steps'], '.0f')}, real {_range(real['settle_steps'], '.0f')}"
-            + (f" (never settled: {never} of the real repeats)" if never else "") + ".")
+            + (f" (never settled: {never} of the real repeats)" if never else "")
+            + (", inside" if settle_inside else ", not inside") + ".")
     return sentences
 
 

@@ -70,39 +70,50 @@ def engine_splits(table: pd.DataFrame, *, title: str = "Per-rank batch: engine v
 
 
 def real_validation(table: pd.DataFrame, *, title: str = "Simulated vs real runs") -> plt.Figure:
-    """Per balancer: the real repeats as points (the calibration repeat hollow) and the simulated seeds as a band
-    (their range) with their median; steady throughput and settle steps side by side."""
+    """One row per calibration (real_validations' calibrate_on): per balancer, the real repeats as points (the
+    calibration repeat hollow) and the simulated seeds as a band (their range) with their median; steady
+    throughput and settle steps side by side."""
     balancers = _balancers(table)
-    panels = (("throughput", THROUGHPUT_LABEL), ("settle_steps", "settle steps (to the equal-time split)"))
+    calibrations = list(dict.fromkeys(table["calibrate_on"]))
+    panels = (("throughput", "steady samples/s"), ("settle_steps", "settle steps (to the equal-time split)"))
     with _theme():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-        for ax, (column, label) in zip(axes, panels):
-            for x, balancer in enumerate(balancers):
-                real = table[(table["balancer"] == balancer) & (table["source"] == "real")]
-                simulated = table[(table["balancer"] == balancer) & (table["source"] == "simulated")][column].dropna()
-                if not simulated.empty:
-                    ax.fill_between([x + 0.05, x + 0.35], simulated.min(), simulated.max(), color="C0", alpha=0.3,
-                                    label="simulated (range over seeds)" if x == 0 else None)
-                    ax.plot([x + 0.05, x + 0.35], [simulated.median()] * 2, color="C0", linewidth=2.5,
-                            label="simulated median" if x == 0 else None)
-                for calibrated, marker in ((False, "o"), (True, "D")):
-                    points = real[real["calibration"] == calibrated][column]
-                    ax.scatter([x - 0.2] * len(points), points, color="C1", marker=marker, s=36,
-                               facecolors="none" if calibrated else "C1", zorder=3,
-                               label=("real repeat (calibrated on)" if calibrated else "real repeats")
-                               if x == 0 else None)
-                never = int(table[(table["balancer"] == balancer)][column].isna().sum())
-                if never:
-                    ax.annotate(f"{never} never settled", (x, 0), xytext=(0, 4), textcoords="offset points",
-                                ha="center", fontsize="x-small", xycoords=("data", "axes fraction"))
-            ax.set_xticks(range(len(balancers)), balancers)
-            ax.set_xlim(-0.6, len(balancers) - 0.4)
-            ax.set_ylim(0, None)
-            ax.set_ylabel(label)
-        axes[0].legend(fontsize="small", loc="lower right")
+        fig, axes = plt.subplots(len(calibrations), 2, figsize=(11, 3.4 * len(calibrations) + 0.8), squeeze=False)
+        for row, calibrate_on in zip(axes, calibrations):
+            part = table[table["calibrate_on"] == calibrate_on]
+            for ax, (column, label) in zip(row, panels):
+                _real_vs_simulated(ax, part, balancers, column)
+                ax.set_ylabel(label)
+                ax.set_title(f"calibrated on {calibrate_on} repeat 0", fontsize="small")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small", frameon=False)
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+
+def _real_vs_simulated(ax, table: pd.DataFrame, balancers, column: str) -> None:
+    for x, balancer in enumerate(balancers):
+        real = table[(table["balancer"] == balancer) & (table["source"] == "real")]
+        simulated = table[(table["balancer"] == balancer) & (table["source"] == "simulated")][column].dropna()
+        if not simulated.empty:
+            ax.fill_between([x + 0.05, x + 0.35], simulated.min(), simulated.max(), color="C0", alpha=0.3,
+                            label="simulated (range over seeds)" if x == 0 else None)
+            ax.plot([x + 0.05, x + 0.35], [simulated.median()] * 2, color="C0", linewidth=2.5,
+                    label="simulated median" if x == 0 else None)
+        for calibrated, marker in ((False, "o"), (True, "D")):
+            points = real[real["calibration"] == calibrated].sort_values("index")
+            offsets = x - 0.3 + 0.05 * points["index"].to_numpy()   # repeats side by side: equal values stay visible
+            ax.scatter(offsets, points[column], color="C1", marker=marker, s=36,
+                       facecolors="none" if calibrated else "C1", zorder=3,
+                       label=("real repeat (calibrated on)" if calibrated else "real repeats") if x == 0 else None)
+        never = int(table[table["balancer"] == balancer][column].isna().sum())
+        if never:
+            ax.annotate(f"{never} never settled", (x, 0), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize="x-small", xycoords=("data", "axes fraction"))
+    ax.set_xticks(range(len(balancers)), balancers)
+    ax.set_xlim(-0.6, len(balancers) - 0.4)
+    if column == "settle_steps":
+        ax.set_ylim(0, None)   # throughput keeps its own limits: the repeats differ by a few percent
 
 
 def scaling(table: pd.DataFrame, *, title: str = "Speed-up over the equal split vs N") -> plt.Figure:
