@@ -32,6 +32,12 @@ def test_inline_trace_rows_are_sorted_and_a_missing_step_0_means_full_speed():
         change_steps=(0, 50), factors=((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 2.0, 4.0)))
 
 
+def test_an_inline_trace_longer_than_a_file_name_may_be_is_read_inline():
+    factors = ",".join(["1"] * 512 + ["3"] * 512)      # 1024 ranks: ~4 KB, past the OS's name limit
+    plan = SlowdownPlan.from_options(1024, trace=f"0:{factors};100:{factors}")
+    assert plan.change_steps == (0, 100) and plan.factors_at(150)[511:513] == (1.0, 3.0)
+
+
 def test_inline_trace_tolerates_spaces_and_fractional_factors():
     plan = SlowdownPlan.from_options(2, trace=" 0 :1, 2.5 ; 10:1.5,1")
     assert plan == SlowdownPlan(change_steps=(0, 10), factors=((1.0, 2.5), (1.5, 1.0)))

@@ -100,13 +100,21 @@ def take_emulated_delay(compute_s: float, batch: int, slowdown: float, emulation
     return compute_s * max(slowdown, 1.0)
 
 
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:   # an inline trace of 1000s of ranks is longer than a file name may be
+        return False
+
+
 def _read_trace(trace: str) -> list[tuple[int, tuple[float, ...]]]:
     """Rows (step, factors) from a CSV file or an inline spec "step:k0,k1;step:k0,k1"."""
-    if ":" not in trace and not Path(trace).is_file():
+    is_file = _is_file(trace)
+    if ":" not in trace and not is_file:
         raise ValueError(f"--slowdown-trace {trace!r}: no such file; expected a CSV file with rows step,k_0,...,k_n-1 "
                          "or an inline spec like '0:1,1;100:1,3'")
     try:
-        if Path(trace).is_file():
+        if is_file:
             with open(trace, newline="") as handle:
                 lines = [row for row in csv.reader(handle) if row and not row[0].strip().startswith("#")]
             if lines and not lines[0][0].strip().lstrip("-").isdigit():
