@@ -75,6 +75,17 @@ def describe_real_validation(table: pd.DataFrame, extra: Mapping, source: str) -
     return sentences
 
 
+def _where(value: float, reference: pd.Series) -> str:
+    """Where `value` lies against the range of `reference` (NaN dropped), in words."""
+    reference = reference.dropna()
+    if reference.empty or pd.isna(value):
+        return "nothing to compare"
+    low, high = reference.min(), reference.max()
+    return ("inside their range" if low <= value <= high else
+            f"{100 * (value / high - 1):.1f} % above their highest" if value > high else
+            f"{100 * (1 - value / low):.1f} % below their lowest")
+
+
 def _balanced_step_ms(calibrated: Mapping) -> float:
     """The slowest rank's predicted compute at the calibration's equal-time split, in ms."""
     costs, slowdown = calibrated["costs"], calibrated["fields"]["slowdown"]
@@ -100,20 +111,17 @@ def _describe_calibration(table: pd.DataFrame, extra: Mapping) -> list[str]:
             sentences.append(sentence + f", settle steps {_range(simulated['settle_steps'], '.0f')}; no real repeat "
                              "of it besides the one calibrated on, so nothing to compare with.")
             continue
-        low, high = real["throughput"].min(), real["throughput"].max()
-        where = ("inside their range" if low <= median <= high else
-                 f"{100 * (median / high - 1):.0f} % above their highest" if median > high else
-                 f"{100 * (1 - median / low):.0f} % below their lowest")
+        real_median = real["throughput"].median()
+        where = _where(median, real["throughput"])
+        settle_median = simulated["settle_steps"].median()
         never = int(real["settle_steps"].isna().sum())
-        settle_inside = bool(real["settle_steps"].notna().any() and simulated["settle_steps"].notna().all()
-                             and real["settle_steps"].min() <= simulated["settle_steps"].min()
-                             and simulated["settle_steps"].max() <= real["settle_steps"].max())
         sentences.append(
-            sentence + f" against the real repeats' {_range(real['throughput'], '.0f')} ({len(real)} "
-            f"repeat{'s' if len(real) > 1 else ''}): {where}; settle steps simulated "
-            f"{_range(simulated['settle_steps'], '.0f')}, real {_range(real['settle_steps'], '.0f')}"
-            + (f" (never settled: {never} of the real repeats)" if never else "")
-            + (", inside" if settle_inside else ", not inside") + ".")
+            sentence + f" against the real repeats' median {real_median:.0f} ({100 * (median / real_median - 1):+.1f} "
+            f"%), range {_range(real['throughput'], '.0f')} ({len(real)} repeat{'s' if len(real) > 1 else ''}): "
+            f"{where}; settle steps simulated median {settle_median:.0f} (range "
+            f"{_range(simulated['settle_steps'], '.0f')}), real {_range(real['settle_steps'], '.0f')}"
+            + (f" (never settled: {never} of the real repeats)" if never else "") + ": "
+            + _where(settle_median, real["settle_steps"]) + ".")
     return sentences
 
 
