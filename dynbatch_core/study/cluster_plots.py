@@ -147,6 +147,17 @@ def scaling(table: pd.DataFrame, *, title: str = "Speed-up over the equal split 
     return fig
 
 
+def _lines_over_a_bound(ax, table: pd.DataFrame, x: str, y: str, *, bound: tuple[str, str], balancers,
+                        colours) -> None:
+    """The bound's column (the same for every balancer) dashed, then one line of `y` against `x` per balancer."""
+    column, label = bound
+    shared = table.drop_duplicates(x).sort_values(x)
+    ax.plot(shared[x], shared[column], **CEILING_STYLE, label=label)
+    for balancer in balancers:
+        part = table[table["balancer"] == balancer].sort_values(x)
+        ax.plot(part[x], part[y], marker="o", color=colours[balancer], label=balancer)
+
+
 def communication(table: pd.DataFrame, *, title: str = "Speed-up vs the reduction's share of the step"
                   ) -> plt.Figure:
     """Speed-up over equal against exposed reduction / the equal split's step compute, with the ceiling."""
@@ -154,11 +165,8 @@ def communication(table: pd.DataFrame, *, title: str = "Speed-up vs the reductio
     colours = _palette(balancers)
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.8))
-        ceiling = table.drop_duplicates("ratio").sort_values("ratio")
-        ax.plot(ceiling["ratio"], ceiling["ceiling"], **CEILING_STYLE, label="ceiling (equal + R) / (ideal + R)")
-        for balancer in balancers:
-            part = table[table["balancer"] == balancer].sort_values("ratio")
-            ax.plot(part["ratio"], part["speedup"], marker="o", color=colours[balancer], label=balancer)
+        _lines_over_a_bound(ax, table, "ratio", "speedup", bound=("ceiling", "ceiling (equal + R) / (ideal + R)"),
+                            balancers=balancers, colours=colours)
         ax.axhline(1.0, color="0.6", linewidth=1)
         ax.set_xlabel("exposed reduction R / the equal split's step compute")
         ax.set_ylabel(SPEEDUP_LABEL)
@@ -233,11 +241,8 @@ def planning(table: pd.DataFrame, *, title: str = "Time per epoch with older car
     old, new = table["old_card"].iloc[0], table["new_card"].iloc[0]
     with _theme():
         fig, ax = plt.subplots(figsize=(8, 4.8))
-        ideal = table.drop_duplicates("added").sort_values("added")
-        ax.plot(ideal["added"], ideal["ideal_epoch_s"], **CEILING_STYLE, label="equal-time split (noiseless)")
-        for balancer in balancers:
-            part = table[table["balancer"] == balancer].sort_values("added")
-            ax.plot(part["added"], part["epoch_s"], marker="o", color=colours[balancer], label=balancer)
+        _lines_over_a_bound(ax, table, "added", "epoch_s", bound=("ideal_epoch_s", "equal-time split (noiseless)"),
+                            balancers=balancers, colours=colours)
         without = table.loc[table["added"] == table["added"].min(), "epoch_s"].min()
         ax.axhline(without, color="0.5", linestyle=":", label="without them (fastest)")
         ax.set_xticks(sorted(table["added"].unique()))
