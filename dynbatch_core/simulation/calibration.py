@@ -9,6 +9,12 @@ it): the Theil-Sen line (batching/cost_model.fit_affine; a rank that ran one bat
 the ratios measured / predicted. A ratio above 1 + SPIKE_RATIO is a spike (its rate and median size are the
 rank's spike_prob and spike_factor); the others' log-ratios give the log-normal CV (robustly: 1.4826 x their
 median absolute deviation).
+
+A line is only as good as the spread of batch sizes the run gave that rank. A balanced run's ranks sit within a
+few samples of one batch after the first epoch, so a and c trade off against each other (this machine's real
+[1,3] pid run fits rank 0 as 32 ms + 0.50 ms/sample, where MEASURED["cpu-here"] has 9 ms + 1.01 ms): right near
+the batch it ran, loose far from it. To simulate other batch sizes, calibrate on a run that swept them (an
+`increasing` schedule, or --balancer equal at a few --batch-size values).
 """
 from __future__ import annotations
 
