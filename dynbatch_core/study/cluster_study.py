@@ -336,8 +336,7 @@ def paired_ratio(table: pd.DataFrame, balancer: str, against: str, low: float = 
 
 def slowdown_trace_file(path, change_step: int, before: Sequence[float], after: Sequence[float]) -> str:
     """A --slowdown-trace CSV (step,k_0,...): `before` from step 0, `after` from change_step. A file, not the
-    inline form: at 1024 ranks the inline string is longer than a file name may be, and the engine's reader asks the
-    file system about it first."""
+    inline form, so that config.json names the trace instead of holding thousands of factors."""
     rows = [(0, before), (change_step, after)]
     text = "\n".join(",".join([str(step), *(f"{k:g}" for k in factors)]) for step, factors in rows) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
