@@ -44,6 +44,7 @@ from dynbatch_core.integrations.lightning import DynamicBatchesStrategy  # noqa:
 SAMPLES, LR, MOMENTUM = 241, 0.1, 0.9
 CHECK_SPLIT = [8, 16]     # --check's fixed split (rank weights 1 : 2 of a global batch of 24)
 CHECKPOINT_EVERY, KILLED_AFTER = 4, 4   # optimizer steps
+RUNS = ("exact", "plain", "uninterrupted", "killed", "resumed", "pid")   # the folders under --out
 
 
 class Blobs(Dataset):
@@ -235,10 +236,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=48, help="global batch (samples per step, all ranks)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
     parser.add_argument("--check", action="store_true", help="the checks of the docstring")
-    parser.add_argument("--out", type=Path, default=Path("outputs/lightning_loop"), help="logs and checkpoints")
+    parser.add_argument("--out", type=Path, default=Path("runs/lightning_loop"),
+                        help="logs and checkpoints (its run folders are replaced)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))   # the forked ranks inherit it
-    shutil.rmtree(args.out, ignore_errors=True)
+    for run in RUNS:   # this script's own folders only: --out may hold other things
+        shutil.rmtree(args.out / run, ignore_errors=True)
     if args.check:
         if args.devices != len(CHECK_SPLIT):
             parser.error(f"--check runs on {len(CHECK_SPLIT)} devices")

@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "examples"))
 
 @pytest.fixture(scope="module")
 def example_check(tmp_path_factory):
+    pytest.importorskip("lightning")
     out = tmp_path_factory.mktemp("lightning_loop")
     completed = subprocess.run([sys.executable, str(REPO / "examples" / "lightning_loop.py"), "--devices", "2",
                                 "--check", "--out", str(out)], capture_output=True, text=True, timeout=300,

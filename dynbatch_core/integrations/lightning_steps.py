@@ -28,10 +28,7 @@ import time
 
 import torch
 
-from ..batching.schedules import EpochSummary
-from ..engine.agreement import max_over_ranks
 from ..engine.dynamic_batches import DynamicBatches, rank_seed
-from ..engine.loader import planned_loader, prefetch_depth
 from ..engine.sampler import StepPlan
 from ..engine.step import exchange_step_stats
 
@@ -65,9 +62,9 @@ class FitBatches:
                  **dynbatch_options):
         self.options = user_loader_options(user_loader)
         self.dataset = user_loader.dataset
-        self.batches = DynamicBatches(self.dataset, slowdown=slowdown, **dynbatch_options, **self.options)
         # trained() runs once per `accumulate` batches, while the loader reads on: plan that much further ahead
-        self.batches.decisions.lookahead = prefetch_depth(self.batches.loader) + extra_lookahead + accumulate - 1
+        self.batches = DynamicBatches(self.dataset, slowdown=slowdown, extra_lookahead=extra_lookahead + accumulate - 1,
+                                      **dynbatch_options, **self.options)
         self.accumulate = accumulate
         self.delivered: list[StepPlan] = []       # plans of batches read and not yet trained
         self.step_plans: list[StepPlan] = []      # the current optimizer step's batches so far
@@ -142,17 +139,11 @@ class FitBatches:
             clock.compute_s, self.rank_samples, float(self.loss_sum), 0.0, rank=batches.rank,
             world_size=batches.world_size, device=batches.device)
         step_s = time.perf_counter() - self.step_started
-        batches.trained(last, compute, rank_samples, loss_sums=loss_sums, overhead_s=max(0.0, step_s - max(compute)))
-        batches.epoch_samples += self.step_samples - last.global_batch   # trained() counted the last batch only
+        batches.trained(last, compute, rank_samples, loss_sums=loss_sums, overhead_s=max(0.0, step_s - max(compute)),
+                        samples=self.step_samples)
         self.position = (last.epoch, last.offset + last.global_batch, last.step + 1)
         self.last_exchange = (compute, rank_samples)
-        if batches.remaining_after(last) == 0:
-            now = time.perf_counter()
-            batches.epoch_elapsed_s += now - batches.segment_started
-            batches.segment_started = now
-            epoch_s = max_over_ranks(batches.epoch_elapsed_s, device=batches.device)
-            batches.end_epoch(EpochSummary(last.epoch, self.global_batch,
-                                           batches.epoch_loss_sum / max(1, batches.epoch_samples), epoch_s))
+        batches.end_epoch_if_last(last)
 
 
 class PlannedTrainLoader:
