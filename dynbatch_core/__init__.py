@@ -11,7 +11,9 @@ simulated clusters without torch. Drop-in pieces for your own DDP loop, all impo
 DynamicBatchSampler and epoch_order (engine/sampler.py), uneven_batch_loss and GradientSync (engine/step.py),
 wrap_ddp and exchange_measurements (engine/ddp_step.py), planned_loader and prefetch_depth (engine/loader.py),
 decided_by_rank0 (engine/agreement.py), the balancers and schedules (batching/). For your own loop, one object
-holds them all: DynamicBatches (engine/dynamic_batches.py; examples/ddp_loop.py, fsdp_loop.py).
+holds them all: DynamicBatches (engine/dynamic_batches.py; examples/ddp_loop.py, fsdp_loop.py); under
+Lightning's Trainer, `from dynbatch_core.integrations.lightning import DynamicBatchesStrategy` (the lightning
+extra; not a name of this package, so that `from dynbatch_core import *` works without lightning).
 
 Names are imported on first use (PEP 562), so `import dynbatch_core.batching` or the simulator never loads torch.
 """

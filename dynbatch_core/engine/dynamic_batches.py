@@ -61,13 +61,14 @@ def rank_seed(seed: int, rank: int) -> int:
 
 class DynamicBatches:
     """See the module docstring. global_batch: an int (a static schedule) or a batching Schedule; balancer: a
-    name (build_balancer, with balancer_options) or a Balancer; loader_options: DataLoader keywords."""
+    name (build_balancer, with balancer_options) or a Balancer; loader_options: DataLoader keywords;
+    extra_lookahead: steps read ahead beyond the loader's own prefetch (a framework's fetcher, say)."""
 
     def __init__(self, dataset, *, global_batch: int | Schedule, balancer: str | Balancer = "pid",
                  balancer_options: dict | None = None, seed: int = 0, shuffle: bool = True,
                  lr_scaling: str = "linear", slowdown: float = 1.0, emulation: Emulation | None = None,
                  device: torch.device | str | None = None, rank: int | None = None, world_size: int | None = None,
-                 **loader_options):
+                 extra_lookahead: int = 0, **loader_options):
         refused = sorted(set(loader_options) & {"batch_size", "sampler", "batch_sampler", "drop_last"})
         if refused:
             raise ValueError(f"DynamicBatches decides the batches itself: leave out {', '.join(refused)} (the global "
@@ -96,7 +97,8 @@ class DynamicBatches:
         # draws exactly what the uninterrupted one drew.
         loader_options.setdefault("generator", torch.Generator())
         self.loader = planned_loader(dataset, self.sampler, **loader_options)
-        self.decisions = RunDecisions(self.schedule, self.balancer, lookahead=prefetch_depth(self.loader),
+        self.decisions = RunDecisions(self.schedule, self.balancer,
+                                      lookahead=prefetch_depth(self.loader) + extra_lookahead,
                                       decide=self._decided_by_rank0)
         self.model = self.clock = self.optimizer = None
         self.initial_lrs: list[float] = []
@@ -185,13 +187,19 @@ class DynamicBatches:
             self.clock.compute_s, step.batch, step.loss_sum(), local_sq, rank=self.rank,
             world_size=self.world_size, device=self.device)
         self.trained(step.plan, compute, batches, loss_sums=loss_sums, overhead_s=max(0.0, step_s - max(compute)))
-        if self.remaining_after(step.plan) == 0:
-            now = time.perf_counter()
-            self.epoch_elapsed_s += now - self.segment_started
-            self.segment_started = now
-            epoch_s = max_over_ranks(self.epoch_elapsed_s, device=self.device)   # the slowest rank's
-            self.end_epoch(EpochSummary(step.epoch, self.decisions.batch,
-                                        self.epoch_loss_sum / max(1, self.epoch_samples), epoch_s))
+        self.end_epoch_if_last(step.plan)
+
+    def end_epoch_if_last(self, plan: StepPlan) -> None:
+        """After trained(plan): if plan was the epoch's last step, end the epoch with its summary (the mean train
+        loss, the slowest rank's seconds); a collective when it ends, so every rank calls it after every step."""
+        if self.remaining_after(plan) != 0:
+            return
+        now = time.perf_counter()
+        self.epoch_elapsed_s += now - self.segment_started
+        self.segment_started = now
+        epoch_s = max_over_ranks(self.epoch_elapsed_s, device=self.device)   # the slowest rank's
+        self.end_epoch(EpochSummary(plan.epoch, self.decisions.batch,
+                                    self.epoch_loss_sum / max(1, self.epoch_samples), epoch_s))
 
     def _set_lr(self, global_batch: int) -> None:
         if self.optimizer is None:
@@ -228,16 +236,17 @@ class DynamicBatches:
 
     def trained(self, plan: StepPlan, compute_s: Sequence[float], rank_batches: Sequence[int], *,
                 loss_sums: Sequence[float] | None = None, overhead_s: float = 0.0,
-                global_step: int | None = None) -> None:
+                global_step: int | None = None, samples: int | None = None) -> None:
         """Step `plan` was trained with these exchanged measurements (the same on every rank): observe them and
-        plan the step lookahead + 1 ahead. global_step: the caller's count (default: this object's)."""
+        plan the step lookahead + 1 ahead. global_step: the caller's count (default: this object's); samples:
+        every rank's samples of the update when it spans more steps than `plan` (gradient accumulation)."""
         self.trained_plan = plan
         plans = self.decisions.step_trained(plan.step, self.global_step if global_step is None else global_step,
                                             compute_s, rank_batches, overhead_s=overhead_s)
         for step, split in plans.items():
             self.sampler.plan_step(step, split)
         self.global_step += 1
-        self.epoch_samples += plan.global_batch
+        self.epoch_samples += plan.global_batch if samples is None else samples
         self.epoch_loss_sum += sum(loss_sums) if loss_sums is not None else 0.0
 
     def end_epoch(self, summary: EpochSummary | None) -> None:
