@@ -15,7 +15,9 @@ sample and rank 0's slice of it is empty):
   resume   pid with an emulated 3x slower rank (emulated cost, no sleep: the same splits every run), dropout:
            uninterrupted vs killed (os._exit) after the ModelCheckpoint(every_n_train_steps=4) of step 4 and
            resumed with fit(ckpt_path=...): the same weights, bit for bit, and the same batch sizes
-Parseable lines: `split [a, b]`, `max |param difference| = X`, `plain DDP vs mean of rank means = X`,
+Validation (Lightning's own loop, its DistributedSampler, sync_dist logging) runs after every epoch of each fit.
+Parseable lines: `split [a, b]`, `max |param difference| = X`, `validation: N logged, ... by X`,
+`plain DDP vs mean of rank means = X`,
 `resume max |param difference| = X`, `resume batch sizes equal: True`.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dynbatch_core.engine.emulation import Emulation  # noqa: E402
 from dynbatch_core.integrations.lightning import DynamicBatchesStrategy  # noqa: E402
 
 SAMPLES, LR, MOMENTUM = 241, 0.1, 0.9
+VALIDATION_SAMPLES = 64
 CHECK_SPLIT = [8, 16]     # --check's fixed split (rank weights 1 : 2 of a global batch of 24)
 CHECKPOINT_EVERY, KILLED_AFTER = 4, 4   # optimizer steps
 RUNS = ("exact", "plain", "uninterrupted", "killed", "resumed", "pid")   # the folders under --out
@@ -74,6 +77,10 @@ class Classifier(pl.LightningModule):
         features, labels = batch
         return F.cross_entropy(self.net(features), labels)
 
+    def validation_step(self, batch, batch_idx):   # Lightning's own loop, sampler and logging, untouched
+        features, labels = batch
+        self.log("val_loss", F.cross_entropy(self.net(features), labels), sync_dist=True)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
@@ -92,6 +99,9 @@ class BlobsData(pl.LightningDataModule):
     def train_dataloader(self):
         return DataLoader(self.dataset, batch_size=8, shuffle=True, num_workers=self.workers,
                           prefetch_factor=4 if self.workers else None, persistent_workers=self.workers > 0)
+
+    def val_dataloader(self):
+        return DataLoader(Blobs(size=VALIDATION_SAMPLES, seed=1), batch_size=16)
 
 
 class FixedSplit(torch.utils.data.Sampler):
@@ -151,6 +161,20 @@ def logged_rank_batches(out: Path, name: str) -> list[tuple[int, list[int]]]:
     return rows
 
 
+def logged_validation_losses(out: Path, name: str) -> list[tuple[int, float]]:
+    """(epoch, val_loss) of every validation the CSVLogger recorded."""
+    with open(out / name / "version_0" / "metrics.csv", newline="") as handle:
+        return [(int(row["epoch"]), float(row["val_loss"])) for row in csv.DictReader(handle) if row.get("val_loss")]
+
+
+def validation_loss(net: nn.Module) -> float:
+    """The mean loss over the validation set in one process (each rank's loss over its DistributedSampler share,
+    averaged by sync_dist, is the same when the shares are equal: 64 samples, 2 ranks)."""
+    dataset = Blobs(size=VALIDATION_SAMPLES, seed=1)
+    with torch.no_grad():
+        return F.cross_entropy(net(dataset.features), dataset.labels).item()
+
+
 def one_process(global_batch: int, epochs: int, accumulate: int, clip: float | None, *,
                 mean_of_rank_means: bool = False) -> nn.Module:
     """One process on the same global batches: the union batch's mean per optimizer step, or (stock DDP's
@@ -194,6 +218,10 @@ def check(args, out: Path) -> int:
     print(f"max |param difference| = {difference:.3g} (2 ranks, uneven split, {args.workers} workers, "
           f"accumulate {accumulate}, clip {clip}, vs one process)")
     failures += difference > 1e-5
+    logged = logged_validation_losses(out, "exact")
+    val_difference = abs(logged[-1][1] - validation_loss(exact.net)) if logged else float("inf")
+    print(f"validation: {len(logged)} logged, last val_loss differs from one process by {val_difference:.3g}")
+    failures += len(logged) != epochs or val_difference > 1e-5
 
     plain = fit(DDPStrategy(start_method="fork"), FixedSplitData(), out, "plain", epochs=epochs,
                 accumulate=accumulate, clip=clip)

@@ -36,6 +36,9 @@ def test_uneven_split_with_workers_accumulation_and_clipping_equals_one_process(
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "split [8, 16]" in completed.stdout
     assert float(value_after(completed.stdout, "max |param difference| = ")) <= 1e-5
+    # Lightning's validation loop under the strategy: once per epoch, the trained weights' loss
+    assert "validation: 2 logged" in completed.stdout
+    assert float(value_after(completed.stdout, "differs from one process by ")) <= 1e-5
 
 
 @pytest.mark.slow

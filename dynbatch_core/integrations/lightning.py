@@ -11,7 +11,8 @@ What the strategy does, in the ranks:
   no buffer broadcast, on CPU and CUDA alike (Lightning registers comm hooks on CUDA only: configure_ddp below).
 - The train DataLoader is rebuilt on dynbatch's planned sampler from your loader's dataset and worker options
   (num_workers, collate_fn, prefetch_factor, pin_memory, persistent_workers, ...); its batch_size, shuffle and
-  sampler (Lightning's DistributedSampler included) are not used: global_batch= and seed= decide. The loader is
+  sampler are not used: global_batch= and seed= decide. Lightning's DistributedSampler is not injected into it
+  (the validation, test and predict loaders keep it). The loader is
   rebuilt every epoch (reload_dataloaders_every_n_epochs is set to 1) with an exact len().
 - The loss your training_step returns (a tensor or {"loss": ...}, the mean over the rank's batch) is scaled so the
   summed gradient is the mean over the whole optimizer step: all accumulate_grad_batches batches of all ranks.
@@ -124,6 +125,11 @@ class DynamicBatchesStrategy(DDPStrategy):
 
     # --- in the ranks ---------------------------------------------------------------------------------------------
 
+    def setup(self, trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:   # before super(): configure_optimizers may load the train data
+            _skip_distributed_sampler_for_training(trainer)
+        super().setup(trainer)
+
     def configure_ddp(self) -> None:
         if _python_reducer_mode():
             raise ValueError(PYTHON_REDUCER_REFUSED)
@@ -135,6 +141,10 @@ class DynamicBatchesStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.stage != RunningStage.TRAINING:
             return dataloader
+        if isinstance(getattr(dataloader, "sampler", None), torch.utils.data.DistributedSampler):
+            raise RuntimeError("DynamicBatchesStrategy: Lightning rebuilt the train loader on a DistributedSampler; "
+                               "the strategy relies on lightning 2.6.6's data connector (_prepare_dataloader) to "
+                               "leave it alone: install lightning==2.6.6")
         if self.fit is None:
             if not isinstance(dataloader, torch.utils.data.DataLoader) or \
                     isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
@@ -182,6 +192,19 @@ class DynamicBatchesStrategy(DDPStrategy):
     def teardown(self) -> None:
         super().teardown()
         self.fit, self.clock = None, None
+
+
+def _skip_distributed_sampler_for_training(trainer) -> None:
+    """Lightning (2.6.6: _DataConnector._prepare_dataloader) re-creates the train DataLoader on a DistributedSampler
+    before process_dataloader sees it; the strategy builds its own loader from the dataset and options, so the
+    training stage skips that, and the other stages keep it. Set in the rank, on this trainer's connector only."""
+    connector = trainer._data_connector
+    prepare = type(connector)._prepare_dataloader
+
+    def prepare_unless_training(dataloader, shuffle, mode):
+        return dataloader if mode == RunningStage.TRAINING else prepare(connector, dataloader, shuffle, mode)
+
+    connector._prepare_dataloader = prepare_unless_training
 
 
 def _checked_launch(strategy: DynamicBatchesStrategy, launch, function, *args, trainer=None, **kwargs):
