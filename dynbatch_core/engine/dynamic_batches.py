@@ -231,8 +231,12 @@ class DynamicBatches:
         check_ranks_agree({"global batch": decision.global_batch, "split": self.sampler.requested_batches(),
                            "step": self.global_step, "sample order": self.sampler.order_fingerprint()},
                           where=f"at the start of epoch {epoch + 1}")
-        self.loader.generator.manual_seed(rank_seed(self.seed, self.rank) + epoch)
+        self.seed_loader(epoch)
         return decision
+
+    def seed_loader(self, epoch: int) -> None:
+        """Seed the loader's workers for `epoch` (each iter() of the loader draws its worker seeds from it)."""
+        self.loader.generator.manual_seed(rank_seed(self.seed, self.rank) + epoch)
 
     def trained(self, plan: StepPlan, compute_s: Sequence[float], rank_batches: Sequence[int], *,
                 loss_sums: Sequence[float] | None = None, overhead_s: float = 0.0,

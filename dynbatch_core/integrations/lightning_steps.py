@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..engine.dynamic_batches import DynamicBatches, rank_seed
+from ..engine.dynamic_batches import DynamicBatches
 from ..engine.sampler import StepPlan
 from ..engine.step import exchange_step_stats
 
@@ -67,10 +67,10 @@ class FitBatches:
                                       **dynbatch_options, **self.options)
         self.accumulate = accumulate
         self.delivered: list[StepPlan] = []       # plans of batches read and not yet trained
-        self.step_plans: list[StepPlan] = []      # the current optimizer step's batches so far
+        self.step_last: StepPlan | None = None   # the current optimizer step's latest batch (None: none yet)
         self.step_samples = 0                     # every rank's samples in the current optimizer step
         self.rank_samples = 0                     # this rank's
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.loss_sum: torch.Tensor | float = 0.0   # this rank's summed loss, on its device until the exchange
         self.step_started = 0.0
         self.begun_epoch: int | None = None
         self.position: tuple[int, int, int] = (0, 0, 0)   # (epoch, cursor, steps) after the last trained step
@@ -102,7 +102,7 @@ class FitBatches:
         if sampler.epoch == epoch:
             sampler.cursor, sampler.steps_in_epoch = cursor, steps
         self.delivered.clear()
-        self.batches.loader.generator.manual_seed(rank_seed(self.batches.seed, self.batches.rank) + epoch)
+        self.batches.seed_loader(epoch)
 
     def next_plan(self, expected_step: int) -> StepPlan:
         """The plan of the batch about to be trained; Lightning's batch index must be its step."""
@@ -116,24 +116,23 @@ class FitBatches:
     def begin_batch(self, plan: StepPlan, clock) -> float:
         """Account `plan` to its optimizer step (starting the step and its clock at its first batch); returns
         this rank's loss factor: accumulate x b_i / (samples of the optimizer step)."""
-        if not self.step_plans:
+        if self.step_last is None:
             self.step_samples = optimizer_step_samples(plan, self.global_batch, len(self.dataset), self.accumulate)
-            self.rank_samples, self.loss_sum = 0, torch.zeros((), dtype=torch.float64)
+            self.rank_samples, self.loss_sum = 0, 0.0
             self.step_started = time.perf_counter()
             clock.start(batch=0, slowdown=self.batches.slowdown, emulation=self.batches.emulation)
-        self.step_plans.append(plan)
+        self.step_last = plan
         self.rank_samples += len(plan)
         clock.batch = self.rank_samples   # the emulated delay, taken at the last bucket, is for all of them
         return self.accumulate * len(plan) / self.step_samples
 
     def record_loss(self, mean_loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum = self.loss_sum + mean_loss.detach().double().cpu() * samples
+        self.loss_sum = self.loss_sum + mean_loss.detach().float() * samples   # no device sync per batch
 
     def optimizer_stepped(self, clock) -> None:
         """After the optimizer step: every rank's compute and samples of it, one balancer observation, the plans
         of the steps ahead, and the epoch's end after its last step."""
-        plans, self.step_plans = self.step_plans, []
-        last = plans[-1]
+        last, self.step_last = self.step_last, None
         batches = self.batches
         compute, rank_samples, loss_sums, _ = exchange_step_stats(
             clock.compute_s, self.rank_samples, float(self.loss_sum), 0.0, rank=batches.rank,

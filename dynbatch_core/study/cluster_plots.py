@@ -20,7 +20,7 @@ from .cluster_study import SCENARIO_NAMES
 from .plots import RANK_BATCH_LABEL, SPEEDUP_LABEL, STEP_LABEL, _palette, _theme
 
 WORLD_SIZE_LABEL = "ranks N (log scale)"
-THROUGHPUT_LABEL = "steady throughput (samples/s, second half)"
+THROUGHPUT_LABEL = "steady samples/s (second half)"
 CEILING_STYLE = dict(color="0.3", linestyle="--", linewidth=1.5)
 
 
@@ -75,7 +75,7 @@ def real_validation(table: pd.DataFrame, *, title: str = "Simulated vs real runs
     throughput and settle steps side by side."""
     balancers = _balancers(table)
     calibrations = list(dict.fromkeys(table["calibrate_on"]))
-    panels = (("throughput", "steady samples/s"), ("settle_steps", "settle steps (to the equal-time split)"))
+    panels = (("throughput", THROUGHPUT_LABEL), ("settle_steps", "settle steps (to the equal-time split)"))
     with _theme():
         fig, axes = plt.subplots(len(calibrations), 2, figsize=(11, 3.4 * len(calibrations) + 0.8), squeeze=False)
         for row, calibrate_on in zip(axes, calibrations):
